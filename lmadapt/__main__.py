@@ -1,0 +1,5 @@
+import sys
+
+from lmadapt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""The `lmadapt` command.
+
+Every user-facing failure is an LmadaptError: printed as one line, exit code 2,
+no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from lmadapt import runs
+from lmadapt.errors import LmadaptError
+
+RUN_FILES = (runs.CONFIG, runs.VOCAB, runs.SPM, runs.BEST, runs.LAST, runs.METRICS, runs.RESULTS)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with code 2 on bad arguments already; keep its message to one line."""
+
+    def error(self, message):
+        self.exit(2, f"lmadapt: error: {message}\n")
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LmadaptError("--device cuda requested but no CUDA device is available")
+    if name.startswith("cuda") and "LOCAL_RANK" in os.environ and ":" not in name:
+        return f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun process
+    return name
+
+
+def _check_run_dir_free(out: Path, force: bool) -> None:
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if not existing:
+        return
+    if not force:
+        what = "a finished run" if runs.RESULTS in existing else "an unfinished run"
+        raise LmadaptError(f"{out} already holds {what}; use --resume to continue it or --force to start over")
+    for name in existing:
+        (out / name).unlink()
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from lmadapt.config import RunConfig, apply_overrides, load_recipe
+    from lmadapt.corpus import Vocab, load_corpus
+    from lmadapt.train import fit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    main_rank = os.environ.get("RANK", "0") == "0"
+
+    if args.resume:
+        if args.out is None:
+            raise LmadaptError("--resume needs --out RUN_DIR")
+        if args.recipe or args.data:
+            raise LmadaptError("--resume continues with the run's own config.json; drop --recipe/--data")
+        out = Path(args.out)
+        if (out / runs.RESULTS).is_file():
+            print(f"{out} is already finished:", json.dumps(runs.read_json(out / runs.RESULTS), indent=2))
+            return 0
+        if not (out / runs.LAST).is_file():
+            raise LmadaptError(f"nothing to resume: {out / runs.LAST} not found")
+        meta = runs.read_json(out / runs.CONFIG)
+        cfg = RunConfig.from_dict(meta)
+        apply_overrides(cfg, args.set)
+        vocab = Vocab.from_dict(runs.read_json(out / runs.VOCAB))
+        spm = (out / runs.SPM).read_bytes() if (out / runs.SPM).is_file() else None
+        corpus = load_corpus(cfg.data.name, cfg.data.data_dir, tokenizer=cfg.data.tokenizer,
+                             spm_vocab_size=cfg.data.spm_vocab_size, vocab=vocab, spm_model=spm)
+    else:
+        cfg = load_recipe(args.recipe) if args.recipe else RunConfig()
+        if args.data:
+            cfg.data.name = args.data
+        if args.data_dir:
+            cfg.data.data_dir = args.data_dir
+        apply_overrides(cfg, args.set)
+        cfg.model.validate()
+        label = Path(cfg.data.name).name or "run"
+        out = Path(args.out) if args.out else Path("runs") / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if main_rank:
+            _check_run_dir_free(out, args.force)
+        corpus = load_corpus(cfg.data.name, cfg.data.data_dir, tokenizer=cfg.data.tokenizer,
+                             spm_vocab_size=cfg.data.spm_vocab_size)
+
+    if main_rank:
+        sizes = ", ".join(f"{s} {corpus.split(s).numel():,}" for s in ("train", "valid", "test"))
+        print(f"corpus {corpus.name}: vocab {len(corpus.vocab):,}; tokens {sizes}", file=sys.stderr)
+        print(f"run directory: {out}", file=sys.stderr)
+    results = fit(out, cfg, corpus, device=device, resume=args.resume)
+    if results is not None:
+        print(f"valid ppl {results['valid_ppl']:.2f}  test ppl {results['test_ppl']:.2f}  "
+              f"train {results['train_seconds'] / 60:.1f} min at {results['tokens_per_second']:.0f} tokens/s  "
+              f"({results['stopped_because']})")
+        print(f"wrote {out / runs.RESULTS}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lmadapt", description="Dynamic test-time adaptation of LSTM language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train an LSTM language model into a run directory")
+    p.add_argument("--recipe", help="recipe name (see recipes/) or a .toml file")
+    p.add_argument("--data", help="corpus name (ptb, wikitext-2, sample) or a directory with train/valid/test.txt")
+    p.add_argument("--data-dir", help="directory holding named corpora (default: $LMADAPT_DATA, then the hub)")
+    p.add_argument("--out", help="run directory (default: runs/NAME-TIMESTAMP)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set train.lr=0.001 --set model.hidden_size=650")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="start over in --out, deleting the run there")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LmadaptError as exc:
+        print(f"lmadapt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmadapt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

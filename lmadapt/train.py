@@ -1,0 +1,430 @@
+"""Training: truncated BPTT with carried state, checkpoints that resume exactly, DDP.
+
+`fit()` trains and writes a run directory; `evaluate()` is the plain batched
+perplexity used for validation and for the final figures in results.json.
+The test-time adaptation methods live in the streaming evaluator instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lmadapt import runs
+from lmadapt.config import RunConfig
+from lmadapt.errors import LmadaptError
+from lmadapt.model import LSTMLM, count_parameters, detach_state
+
+
+class TrainingDiverged(LmadaptError):
+    pass
+
+
+# --------------------------------------------------------------------------- helpers
+
+def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """1-D stream -> (batch_size, n) columns of contiguous text; the ragged tail is dropped."""
+    n = data.numel() // batch_size
+    if n < 2:
+        raise LmadaptError(f"corpus split of {data.numel()} tokens is too short for batch size {batch_size}")
+    return data[: n * batch_size].view(batch_size, n)
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def progress_enabled() -> bool:
+    return sys.stderr.isatty() or bool(os.environ.get("LMADAPT_PROGRESS"))
+
+
+@torch.no_grad()
+def evaluate(model: LSTMLM, data: torch.Tensor, batch_size: int, bptt: int, device, amp: str = "none",
+             desc: str | None = None) -> tuple[float, int]:
+    """Sum of negative log-likelihoods (nats) and number of predicted tokens over a stream.
+
+    With batch_size 1 every token but the first is scored; larger batches
+    split the stream into columns (a few tokens fewer are scored).
+    """
+    was_training = model.training
+    model.eval()
+    columns = batchify(data, batch_size).to(device)
+    state = model.init_state(batch_size, device)
+    total, count = 0.0, 0
+    starts = range(0, columns.size(1) - 1, bptt)
+    bar = tqdm(starts, desc=desc, disable=not (desc and progress_enabled()), unit="chunk", leave=False)
+    for i in bar:
+        seq = min(bptt, columns.size(1) - 1 - i)
+        x, y = columns[:, i:i + seq], columns[:, i + 1:i + 1 + seq]
+        with autocast(torch.device(device), amp):
+            _, logits, state = model(x, state)
+        total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    return total, count
+
+
+def _ppl(nll_sum: float, count: int) -> float:
+    return math.exp(nll_sum / max(count, 1))
+
+
+def _make_optimizer(cfg, params, asgd: bool):
+    t = cfg.train
+    if asgd:
+        return torch.optim.ASGD(params, lr=t.lr, t0=0, lambd=0.0, weight_decay=t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+
+
+def _lr_factor(cfg, prog: dict, total_steps: int) -> float:
+    """Learning-rate multiplier from the schedule; all its state lives in `prog`."""
+    t = cfg.train
+    factor = prog["lr_scale"]
+    if t.lr_schedule == "cosine":
+        done = prog["global_step"] / max(total_steps, 1)
+        if t.max_minutes > 0:  # anneal by whichever budget runs out first
+            done = max(done, prog["train_seconds"] / (60 * t.max_minutes))
+        factor *= 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+    if t.warmup_steps > 0:
+        factor *= min(1.0, (prog["global_step"] + 1) / t.warmup_steps)
+    return factor
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer):
+    """Under NT-ASGD, evaluate and save the averaged parameters (Polyak averaging)."""
+    if not isinstance(optimizer, torch.optim.ASGD):
+        yield
+        return
+    saved = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "ax" in state:
+                saved.append((p, p.data.clone()))
+                p.data.copy_(state["ax"])
+    try:
+        yield
+    finally:
+        for p, data in saved:
+            p.data.copy_(data)
+
+
+# --------------------------------------------------------------------------- distributed
+
+class Dist:
+    """World info; a no-op shell when not launched by torchrun."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if any rank says so (keeps stop decisions in lockstep)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def gather(self, obj):
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def close(self):
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- fit
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def write_run_metadata(run_dir: Path, cfg: RunConfig, corpus) -> None:
+    meta = cfg.to_dict()
+    meta["corpus"] = {
+        "name": corpus.name,
+        "tokenizer": corpus.tokenizer,
+        "vocab_size": len(corpus.vocab),
+        "tokens": {s: int(corpus.split(s).numel()) for s in ("train", "valid", "test")},
+    }
+    runs.write_json(run_dir / runs.VOCAB, corpus.vocab.to_dict())
+    if corpus.spm_model is not None:
+        runs.write_bytes(run_dir / runs.SPM, corpus.spm_model)
+    runs.write_json(run_dir / runs.CONFIG, meta)
+
+
+def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device = "cpu", resume: bool = False,
+        interrupt_after_steps: int | None = None) -> dict | None:
+    """Train, keep the best weights, write results.json; returns the results (None on non-main ranks).
+
+    `interrupt_after_steps` stops abruptly after that many steps in this call,
+    without a final checkpoint: the test suite's stand-in for a killed process.
+    """
+    run_dir = Path(run_dir)
+    device = torch.device(device)
+    t = cfg.train
+    ddp = Dist(device)
+    if t.batch_size % ddp.world:
+        raise LmadaptError(f"train.batch_size {t.batch_size} is not divisible by the {ddp.world} processes")
+    torch.manual_seed(t.seed + ddp.rank)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cfg.model.vocab_size = len(corpus.vocab)
+
+    model = LSTMLM(cfg.model).to(device)
+    train_model = model
+    if ddp.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # Each rank trains on its own slice of the batch columns: the global batch
+    # is the same whatever the number of processes.
+    columns = batchify(corpus.train, t.batch_size)
+    local = t.batch_size // ddp.world
+    columns = columns[ddp.rank * local:(ddp.rank + 1) * local].to(device)
+    steps_per_epoch = math.ceil((columns.size(1) - 1) / t.bptt)
+    total_steps = steps_per_epoch * t.epochs
+
+    prog = dict(epoch=0, step_in_epoch=0, global_step=0, best_valid=float("inf"), bad_validations=0,
+                lr_scale=1.0, asgd=False, valid_history=[], train_seconds=0.0, tokens_seen=0,
+                stopped_because=None)
+    state = model.init_state(local, device)
+    optimizer = _make_optimizer(cfg, model.parameters(), asgd=False)
+
+    if resume:
+        ckpt = runs.load_tensors(run_dir / runs.LAST, map_location=device)
+        try:
+            model.load_state_dict(ckpt["model"])
+            prog.update(ckpt["progress"])
+            if prog["asgd"]:
+                optimizer = _make_optimizer(cfg, model.parameters(), asgd=True)
+            optimizer.load_state_dict(ckpt["optimizer"])
+            full_state = ckpt["state"]
+            state = [(h[:, ddp.rank * local:(ddp.rank + 1) * local].to(device),
+                      c[:, ddp.rank * local:(ddp.rank + 1) * local].to(device)) for h, c in full_state]
+            rng = ckpt["rng"]
+            _set_rng_state(rng[ddp.rank] if ddp.rank < len(rng) else rng[0], device)
+        except (KeyError, RuntimeError, ValueError, IndexError) as exc:
+            raise LmadaptError(f"checkpoint {run_dir / runs.LAST} does not match this run: "
+                               f"{str(exc).splitlines()[0][:200]}") from None
+        # Drop metrics written after the checkpoint we resume from.
+        rows = [r for r in runs.read_jsonl(run_dir / runs.METRICS) if r["step"] <= prog["global_step"]]
+        if ddp.main:
+            runs.write_bytes(run_dir / runs.METRICS, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    elif ddp.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_metadata(run_dir, cfg, corpus)
+        runs.write_bytes(run_dir / runs.METRICS, b"")
+
+    if ddp.main:
+        print(f"model: {count_parameters(model):,} parameters; {steps_per_epoch} steps/epoch "
+              f"of {t.batch_size}x{t.bptt} tokens; device {device}", file=sys.stderr)
+
+    def checkpoint():
+        # Every rank contributes its carried state and RNG; rank 0 writes one file.
+        states = ddp.gather([(h.cpu(), c.cpu()) for h, c in state])
+        rngs = ddp.gather(_rng_state(device))
+        if ddp.main:
+            full = [(torch.cat([s[i][0] for s in states], 1), torch.cat([s[i][1] for s in states], 1))
+                    for i in range(len(state))]
+            runs.save_tensors(run_dir / runs.LAST, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "progress": dict(prog), "state": full, "rng": rngs})
+
+    def validate() -> bool:
+        """Validation, best-weights keeping, schedule, NT-ASGD switch. Returns True to stop."""
+        nonlocal optimizer
+        with averaged_weights(optimizer):
+            nll, n = evaluate(model, corpus.valid, t.eval_batch_size, t.bptt, device, t.amp)
+            valid_loss = nll / n
+            improved = valid_loss < prog["best_valid"]
+            if improved and ddp.main:
+                runs.save_tensors(run_dir / runs.BEST, model.state_dict())
+        if improved:
+            prog["best_valid"] = valid_loss
+            prog["bad_validations"] = 0
+        else:
+            prog["bad_validations"] += 1
+            if t.lr_schedule == "plateau" and prog["bad_validations"] > t.lr_patience:
+                prog["lr_scale"] *= t.lr_decay
+        history = prog["valid_history"]
+        if (t.optimizer == "sgd" and t.nt_asgd and not prog["asgd"] and len(history) > t.nonmono
+                and valid_loss > min(history[:-t.nonmono])):
+            prog["asgd"] = True
+            optimizer = _make_optimizer(cfg, model.parameters(), asgd=True)
+            if ddp.main:
+                print("switching to averaged SGD (NT-ASGD)", file=sys.stderr)
+        history.append(valid_loss)
+        row = {"epoch": prog["epoch"], "step": prog["global_step"], "valid_loss": valid_loss,
+               "valid_ppl": math.exp(valid_loss), "lr": t.lr * _lr_factor(cfg, prog, total_steps),
+               "train_seconds": round(prog["train_seconds"], 2), "tokens_seen": prog["tokens_seen"]}
+        if ddp.main:
+            runs.append_jsonl(run_dir / runs.METRICS, row)
+            print(f"epoch {prog['epoch'] + 1} step {prog['global_step']}: valid ppl {row['valid_ppl']:.2f}"
+                  f"{' (best)' if improved else ''}  [{row['train_seconds']:.0f}s]", file=sys.stderr)
+        return t.early_stop_patience > 0 and prog["bad_validations"] >= t.early_stop_patience
+
+    steps_this_call = 0
+    stop = prog["stopped_because"] is not None
+    while not stop and prog["epoch"] < t.epochs:
+        train_model.train()
+        bar = tqdm(total=steps_per_epoch, initial=prog["step_in_epoch"], desc=f"epoch {prog['epoch'] + 1}",
+                   disable=not (ddp.main and progress_enabled()), unit="step", leave=False)
+        running, running_n, tick, tick_tokens = 0.0, 0, time.perf_counter(), 0
+        while prog["step_in_epoch"] < steps_per_epoch:
+            step_start = time.perf_counter()
+            i = prog["step_in_epoch"] * t.bptt
+            seq = min(t.bptt, columns.size(1) - 1 - i)
+            x, y = columns[:, i:i + seq], columns[:, i + 1:i + 1 + seq]
+            for group in optimizer.param_groups:
+                group["lr"] = t.lr * _lr_factor(cfg, prog, total_steps)
+            state = detach_state(state)
+            with autocast(device, t.amp):
+                _, logits, state = train_model(x, state)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training loss became non-finite at epoch {prog['epoch'] + 1} step {prog['global_step'] + 1}; "
+                    f"stopped, the last good checkpoint is kept in {run_dir}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
+            optimizer.step()
+
+            prog["step_in_epoch"] += 1
+            prog["global_step"] += 1
+            prog["tokens_seen"] += y.numel() * ddp.world
+            prog["train_seconds"] += time.perf_counter() - step_start
+            steps_this_call += 1
+            running += loss.item()
+            running_n += 1
+            tick_tokens += y.numel() * ddp.world
+            if running_n % t.log_interval == 0:
+                now = time.perf_counter()
+                bar.set_postfix(loss=f"{running / running_n:.3f}", tok_s=f"{tick_tokens / (now - tick):.0f}",
+                                lr=f"{optimizer.param_groups[0]['lr']:.2g}")
+                bar.update(t.log_interval)
+                running, running_n, tick, tick_tokens = 0.0, 0, now, 0
+
+            if interrupt_after_steps is not None and steps_this_call >= interrupt_after_steps:
+                bar.close()
+                ddp.close()
+                return None  # simulated kill: no checkpoint beyond the last periodic one
+
+            out_of_time = t.max_minutes > 0 and prog["train_seconds"] >= 60 * t.max_minutes
+            out_of_time = ddp.any(out_of_time)
+            end_of_epoch = prog["step_in_epoch"] >= steps_per_epoch
+            if end_of_epoch:
+                prog["epoch"] += 1
+                prog["step_in_epoch"] = 0
+            if out_of_time or end_of_epoch or (t.eval_interval and prog["global_step"] % t.eval_interval == 0):
+                if validate():
+                    prog["stopped_because"] = "early stopping"
+                if out_of_time:
+                    prog["stopped_because"] = "time budget"
+                checkpoint()
+                if prog["stopped_because"]:
+                    stop = True
+                    break
+            elif prog["global_step"] % t.checkpoint_interval == 0:
+                checkpoint()
+            if end_of_epoch:
+                break
+        bar.close()
+    if prog["stopped_because"] is None:
+        prog["stopped_because"] = "epochs"
+        checkpoint()
+
+    results = None
+    if ddp.main:
+        results = final_results(run_dir, cfg, corpus, model, prog, device)
+    ddp.barrier()
+    ddp.close()
+    return results
+
+
+def final_results(run_dir: Path, cfg: RunConfig, corpus, model: LSTMLM, prog: dict, device) -> dict:
+    """Reload the best weights and score valid and test at the final batch size."""
+    t = cfg.train
+    model.load_state_dict(runs.load_tensors(run_dir / runs.BEST, map_location=device))
+    start = time.perf_counter()
+    out = {}
+    for split in ("valid", "test"):
+        nll, n = evaluate(model, corpus.split(split), t.final_batch_size, t.bptt, device, t.amp, desc=split)
+        out[f"{split}_ppl"] = _ppl(nll, n)
+        out[f"{split}_tokens_scored"] = n
+    results = {
+        "valid_ppl": out["valid_ppl"],
+        "test_ppl": out["test_ppl"],
+        "train_seconds": prog["train_seconds"],
+        "tokens_per_second": prog["tokens_seen"] / max(prog["train_seconds"], 1e-9),
+        "epochs_completed": prog["epoch"] + prog["step_in_epoch"] / max(1, math.ceil(
+            (corpus.train.numel() // t.batch_size - 1) / t.bptt)),
+        "steps": prog["global_step"],
+        "stopped_because": prog["stopped_because"],
+        "best_valid_ppl_in_training": math.exp(prog["best_valid"]),
+        "parameters": count_parameters(model),
+        "valid_tokens_scored": out["valid_tokens_scored"],
+        "test_tokens_scored": out["test_tokens_scored"],
+        "final_eval_batch_size": t.final_batch_size,
+        "final_eval_seconds": time.perf_counter() - start,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    runs.write_json(run_dir / runs.RESULTS, results)
+    return results
+
+
+def load_model(run_dir: str | Path, device="cpu") -> tuple[LSTMLM, RunConfig, dict]:
+    """A trained model from a run directory (best weights), its config and the raw config.json."""
+    run_dir = runs.require_run_dir(run_dir)
+    meta = runs.read_json(run_dir / runs.CONFIG)
+    cfg = RunConfig.from_dict(meta)
+    model = LSTMLM(cfg.model)
+    try:
+        model.load_state_dict(runs.load_tensors(run_dir / runs.BEST, map_location=device))
+    except RuntimeError as exc:
+        raise LmadaptError(f"{run_dir / runs.BEST} does not match config.json: {str(exc).splitlines()[0][:200]}") from None
+    return model.to(device).eval(), cfg, meta
+
+
