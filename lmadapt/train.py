@@ -299,7 +299,7 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
                "train_seconds": round(prog["train_seconds"], 2), "tokens_seen": prog["tokens_seen"]}
         if ddp.main:
             runs.append_jsonl(run_dir / runs.METRICS, row)
-            print(f"epoch {prog['epoch'] + 1} step {prog['global_step']}: valid ppl {row['valid_ppl']:.2f}"
+            print(f"epoch {prog['epoch'] + prog['step_in_epoch'] / steps_per_epoch:.2f} step {prog['global_step']}: valid ppl {row['valid_ppl']:.2f}"
                   f"{' (best)' if improved else ''}  [{row['train_seconds']:.0f}s]", file=sys.stderr)
         return t.early_stop_patience > 0 and prog["bad_validations"] >= t.early_stop_patience
 

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny generated corpus (no ../shared needed) and tiny run configs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def write_markov_corpus(root: Path, seed: int = 0, words: int = 40, lines=(300, 40, 40)) -> Path:
+    """A small learnable corpus: each word strongly predicts the next one.
+
+    Valid/test use only train words, plus an <unk> convention so OOVs are legal.
+    """
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(words)] + ["<unk>"]
+    successor = {w: rng.sample(vocab, 3) for w in vocab}
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n_lines in zip(("train", "valid", "test"), lines):
+        out = []
+        for _ in range(n_lines):
+            w = rng.choice(vocab)
+            line = [w]
+            for _ in range(rng.randint(4, 12)):
+                w = rng.choice(successor[w])
+                line.append(w)
+            out.append(" ".join(line))
+        (root / f"{split}.txt").write_text("\n".join(out) + "\n")
+    return root
+
+
+@pytest.fixture
+def tiny_corpus_dir(tmp_path) -> Path:
+    return write_markov_corpus(tmp_path / "corpus")
+
+
+TINY_SETTINGS = [
+    "model.emb_size=24", "model.hidden_size=24", "model.num_layers=2",
+    "model.dropout_input=0.2", "model.dropout_hidden=0.2", "model.dropout_output=0.2",
+    "model.dropout_embedding=0.1", "model.weight_drop=0.2",
+    "train.batch_size=4", "train.bptt=8", "train.epochs=2", "train.lr=0.03",
+    "train.checkpoint_interval=3", "train.eval_interval=10", "train.eval_batch_size=2",
+    "train.lr_schedule=constant", "train.early_stop_patience=0",
+]
+
+
+def tiny_config(corpus_dir: Path, extra: list[str] = ()):
+    from lmadapt.config import RunConfig, apply_overrides
+
+    cfg = RunConfig()
+    cfg.data.name = str(corpus_dir)
+    apply_overrides(cfg, TINY_SETTINGS + list(extra))
+    return cfg
