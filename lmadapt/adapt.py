@@ -34,6 +34,10 @@ _BUDGET = 1 << 25
 # typical L3 cache: the loop is a few memory passes per step, and measured ~15% faster
 # than 8x larger chunks (V=10k, K=256, 2 threads).
 _STEP_BUDGET = 1 << 22
+# Largest (distinct neighbours x V) probability matrix the T = 1 pool path makes in one go
+# (1 GiB in float32).  Beyond it P is built in column blocks in two passes, the first for
+# the softmax normalisers, which costs a second W h + b when logits are not given.
+_POOL_BUDGET = 1 << 28
 _USE_CSR = True
 
 
@@ -131,13 +135,13 @@ def adapted_log_probs_lowrank(
         if uniq is None:  # every entry is used: no copies
             keys, vals, logits = nb_keys.to(dev, dt), nb_values.to(dev), nb_logits
         else:
-            keys = nb_keys[uniq].to(dev, dt)
-            vals = nb_values[uniq].to(dev)
-            logits = None if nb_logits is None else nb_logits[uniq]
+            keys = nb_keys[uniq.to(nb_keys.device)].to(dev, dt)
+            vals = nb_values[uniq.to(nb_values.device)].to(dev)
+            logits = None if nb_logits is None else nb_logits[uniq.to(nb_logits.device)]
         if steps == 1:
             delta = _one_step_pool(q, keys, vals, logits, inv, w, W, b, alpha)
             return F.log_softmax(base + delta, -1)
-        if logits is None and keys.shape[0] * V <= 4 * _BUDGET:
+        if logits is None and keys.shape[0] * V <= _POOL_BUDGET:
             logits = F.linear(keys, W, b)  # once per distinct neighbour, not per query
 
         def gather(s, e):
@@ -213,8 +217,8 @@ def _one_step_pool(q, keys, vals, logits, inv, w, W, b, alpha):
     """
     m, U, V = q.shape[0], keys.shape[0], W.shape[0]
     dt = q.dtype
-    if m * U > 4 * _BUDGET:  # keep S bounded: split the queries (each part re-pools)
-        step = max(1, (4 * _BUDGET) // U)
+    if m * U > _POOL_BUDGET:  # keep the (m, U) matrix S bounded: split the queries
+        step = max(1, _POOL_BUDGET // U)
         return torch.cat(
             [_one_step_pool(q[s : s + step], keys, vals, logits, inv[s : s + step], w[s : s + step], W, b, alpha)
              for s in range(0, m, step)]
@@ -235,10 +239,10 @@ def _one_step_pool(q, keys, vals, logits, inv, w, W, b, alpha):
             return F.linear(keys, W[s:e], b[s:e])
         return logits[:, s:e].to(dt)
 
-    if U * V <= 4 * _BUDGET:  # one block: no second pass (which would recompute W h + b)
+    if U * V <= _POOL_BUDGET:  # one block: no second pass
         delta -= S @ torch.softmax(block_logits(0, V), -1)
     else:
-        vb = max(1, _BUDGET // U)
+        vb = max(1, _POOL_BUDGET // (4 * U))
         lse = torch.full((U,), -float("inf"), dtype=dt, device=q.device)
         for s in range(0, V, vb):
             lse = torch.logaddexp(lse, torch.logsumexp(block_logits(s, min(V, s + vb)), -1))

@@ -45,6 +45,8 @@ class TrainConfig:
     eval_batch_size: int = 10       # validation during training
     final_batch_size: int = 1       # final valid/test perplexity (batch 1, as the papers evaluate)
     checkpoint_interval: int = 200  # steps between resumable checkpoints (and at each validation)
+    sampled_softmax: int = 0        # >0: train with this many sampled negatives (unigram^0.75, logQ-corrected)
+    sampled_softmax_until: float = 0.8  # fraction of the budget after which the full softmax takes over
     amp: str = "none"               # none | bf16: autocast the matmuls (large speed-up on CPUs with AVX512-BF16)
     hebbian_gamma: float = 0.01     # Hebbian softmax: minimum mixing rate
     hebbian_T: int = 500            # Hebbian softmax: classes seen this often stop being mixed
@@ -91,6 +93,8 @@ def _field_type(obj, key: str):
 def _coerce(value: Any, type_name: str, full_key: str) -> Any:
     """Turn a TOML/JSON value or a --set string into the field's type."""
     t = str(type_name)
+    if isinstance(value, str) and value.strip().lower() in ("none", "null") and "None" in t:
+        return None
     if isinstance(value, str) and not t.startswith("str"):
         text = value.strip()
         if t.startswith("bool"):
@@ -102,8 +106,6 @@ def _coerce(value: Any, type_name: str, full_key: str) -> Any:
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
-            if text.lower() in ("none", "null") and "None" in t:
-                return None
             raise LmadaptError(f"{full_key} expects a {t}, got {value!r}") from None
     if value is None and "None" in t:
         return None

@@ -220,10 +220,9 @@ class EpisodicMemory:
         if window is not None:
             lo, hi = (_as_bounds(b, m, self.device) for b in window)
         n_cand = min(n, kk + _RERANK_EXTRA)
-        cand = None
         if self._faiss is not None and self._faiss.is_trained:
             cand = self._faiss_candidates(q, n_cand, lo, hi)
-        if cand is None:
+        else:
             cand = self._exact_candidates(q, n_cand, lo, hi)
         return self._rerank(q, cand, kk, lo, hi)
 
@@ -297,35 +296,39 @@ class EpisodicMemory:
             slots.cpu().numpy().astype("int64"),
         )
 
-    def _faiss_candidates(self, q, n_cand, lo, hi):
-        """Top candidates from faiss, filtered by window; None to fall back to torch.
+    def _faiss_candidates(self, q, n_cand, lo, hi) -> torch.Tensor:
+        """Top candidates from faiss, filtered by window; -1 where invalid.
 
         With a window, each query needs min(n_cand, #entries in its window) surviving
         candidates for the result to equal the exact path; we over-fetch by the number of
         entries outside the window and re-search with more for queries still short.
+        Queries whose window excludes more than half the memory use the torch search
+        (filtering would fetch most of the memory anyway).
         """
-        n = self._len
-        need = torch.full((q.shape[0],), n_cand, dtype=torch.long, device=self.device)
+        n, m = self._len, q.shape[0]
+        cand = torch.full((m, n_cand), -1, dtype=torch.long, device=self.device)
+        need = torch.full((m,), n_cand, dtype=torch.long, device=self.device)
+        todo = torch.arange(m, device=self.device)
         fetch = n_cand
         if lo is not None:
             pos_sorted = torch.sort(self._positions[:n]).values
             inside = torch.searchsorted(pos_sorted, hi) - torch.searchsorted(pos_sorted, lo)
             need = torch.minimum(need, inside)
-            outside = int((n - inside).max())
-            if outside > n // 2:
-                return None  # narrow windows: filtering would fetch most of the memory anyway
-            fetch = min(n, n_cand + outside)
+            narrow = (n - inside) > n // 2
+            if bool(narrow.any()):
+                rows = narrow.nonzero().squeeze(1)
+                cand[rows] = self._exact_candidates(q[rows], n_cand, lo[rows], hi[rows])
+                todo = (~narrow).nonzero().squeeze(1)
+            if todo.numel():
+                fetch = min(n, n_cand + int((n - inside[todo]).max()))
         qn = np.ascontiguousarray(q.float().cpu().numpy())
-        cand = torch.full((q.shape[0], n_cand), -1, dtype=torch.long, device=self.device)
-        todo = torch.arange(q.shape[0], device=self.device)
         while todo.numel():
             _, ids = self._faiss.search(qn[todo.cpu().numpy()], fetch)
             ids = torch.from_numpy(ids).to(self.device)
             ok = self._in_window(ids, None if lo is None else lo[todo], None if hi is None else hi[todo])
             # keep valid ids in faiss order (stable sort puts valid ones first)
             order = torch.sort((~ok).to(torch.int8), dim=1, stable=True).indices[:, :n_cand]
-            got = ids.gather(1, order).masked_fill_(~ok.gather(1, order), -1)
-            cand[todo, : got.shape[1]] = got
+            cand[todo] = ids.gather(1, order).masked_fill_(~ok.gather(1, order), -1)
             short = ok.sum(1) < need[todo]
             if fetch >= n or not bool(short.any()):
                 break

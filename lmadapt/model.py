@@ -119,11 +119,13 @@ class LSTMLM(nn.Module):
             return functional_call(layer, params, (x, state))
         return layer(x, state)
 
-    def forward(self, tokens: torch.Tensor, state: State | None = None):
+    def forward(self, tokens: torch.Tensor, state: State | None = None, compute_logits: bool = True):
         """tokens (B, T) -> hidden (B, T, feature_size), logits (B, T, V), new state.
 
         `hidden` is the exact input of the softmax layer (after output dropout
-        in training, unchanged in eval mode).
+        in training, unchanged in eval mode). With compute_logits=False the
+        logits are None (a sampled-softmax loss scores only a few rows of the
+        output layer).
         """
         c = self.config
         if state is None:
@@ -138,7 +140,7 @@ class LSTMLM(nn.Module):
         if self.projection is not None:
             x = self.projection(x)
         hidden = sequence_dropout(x, c.dropout_output, self.training, c.variational)
-        return hidden, self.decoder(hidden), new_state
+        return hidden, self.decoder(hidden) if compute_logits else None, new_state
 
 
 def detach_state(state: State) -> State:

@@ -90,18 +90,51 @@ def _make_optimizer(cfg, params, asgd: bool):
     return cls(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
 
 
+def _budget_done(cfg, prog: dict, total_steps: int) -> float:
+    """Fraction of the training budget used: steps, or wall-clock time if that runs out first."""
+    done = prog["global_step"] / max(total_steps, 1)
+    if cfg.train.max_minutes > 0:
+        done = max(done, prog["train_seconds"] / (60 * cfg.train.max_minutes))
+    return min(done, 1.0)
+
+
 def _lr_factor(cfg, prog: dict, total_steps: int) -> float:
     """Learning-rate multiplier from the schedule; all its state lives in `prog`."""
     t = cfg.train
     factor = prog["lr_scale"]
     if t.lr_schedule == "cosine":
-        done = prog["global_step"] / max(total_steps, 1)
-        if t.max_minutes > 0:  # anneal by whichever budget runs out first
-            done = max(done, prog["train_seconds"] / (60 * t.max_minutes))
-        factor *= 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+        factor *= 0.5 * (1 + math.cos(math.pi * _budget_done(cfg, prog, total_steps)))
     if t.warmup_steps > 0:
         factor *= min(1.0, (prog["global_step"] + 1) / t.warmup_steps)
     return factor
+
+
+def unigram_log_q(counts: torch.Tensor, power: float = 0.75) -> torch.Tensor:
+    q = counts.double().clamp(min=1).pow(power)
+    return (q / q.sum()).log().float()
+
+
+def sampled_softmax_loss(hidden: torch.Tensor, targets: torch.Tensor, decoder: torch.nn.Linear,
+                         num_samples: int, log_q: torch.Tensor) -> torch.Tensor:
+    """Sampled softmax (Jean et al. 2015) with negatives shared across the batch.
+
+    S candidates are drawn with replacement from q. The target keeps its exact
+    logit; each sampled logit is corrected by -log(S q(w)), so the sum of their
+    exponentials is an importance-sampling estimate of the rest of the
+    normaliser (Bengio & Senecal 2008). A sampled candidate equal to a row's
+    target is masked out, since the target is already counted exactly.
+    Training only: evaluation always uses the full softmax.
+    """
+    h = hidden.reshape(-1, hidden.size(-1))
+    y = targets.reshape(-1)
+    cand = torch.multinomial(log_q.exp(), num_samples, replacement=True)
+    weight, bias = decoder.weight, decoder.bias
+    correction = math.log(num_samples)
+    true_logit = (h * weight[y]).sum(-1) + bias[y]
+    sampled = h @ weight[cand].T + bias[cand] - (log_q[cand] + correction)
+    sampled = sampled.masked_fill(cand.unsqueeze(0) == y.unsqueeze(1), float("-inf"))
+    logits = torch.cat([true_logit.unsqueeze(1), sampled], 1).float()
+    return F.cross_entropy(logits, torch.zeros_like(y))
 
 
 @contextlib.contextmanager
@@ -222,6 +255,7 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
     local = t.batch_size // ddp.world
     columns = columns[ddp.rank * local:(ddp.rank + 1) * local].to(device)
     steps_per_epoch = math.ceil((columns.size(1) - 1) / t.bptt)
+    log_q = unigram_log_q(corpus.train_counts()).to(device) if t.sampled_softmax > 0 else None
     total_steps = steps_per_epoch * t.epochs
 
     prog = dict(epoch=0, step_in_epoch=0, global_step=0, best_valid=float("inf"), bad_validations=0,
@@ -318,9 +352,13 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
             for group in optimizer.param_groups:
                 group["lr"] = t.lr * _lr_factor(cfg, prog, total_steps)
             state = detach_state(state)
+            sampled = t.sampled_softmax > 0 and _budget_done(cfg, prog, total_steps) < t.sampled_softmax_until
             with autocast(device, t.amp):
-                _, logits, state = train_model(x, state)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+                hidden, logits, state = train_model(x, state, compute_logits=not sampled)
+                if sampled:
+                    loss = sampled_softmax_loss(hidden, y, model.decoder, t.sampled_softmax, log_q)
+            if not sampled:
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"training loss became non-finite at epoch {prog['epoch'] + 1} step {prog['global_step'] + 1}; "

@@ -7,6 +7,15 @@ from lmadapt import memory as memory_mod
 from lmadapt.memory import EpisodicMemory
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: extra threads only add contention on the shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _brute_knn(keys, positions, q, k, lo=None, hi=None):
     """Per query: sorted (sq_dist, slot) of the k nearest entries inside the window."""
     out = []
@@ -144,12 +153,23 @@ def test_faiss_matches_exact(window):
     q = torch.randn(25, d, generator=g)
     win = None
     if window:
-        hi = torch.randint(200, 481, (25,), generator=g)
-        win = (hi - 150, hi)  # some windows reach past the oldest stored entry
+        # stored positions are 180..479; windows of 250 positions, some reaching past the
+        # oldest entry (excluding > half the memory: those rows use the torch search)
+        hi = torch.randint(300, 481, (25,), generator=g)
+        win = (hi - 250, hi)
         win[0][0], win[1][0] = 470, 475  # fewer than k valid
+        # boundaries: query 2 sits on the entry just past its window (must be excluded),
+        # query 3 on the first entry of its window (must be included)
+        slot_of = {p: s for s, p in enumerate(exact.positions.tolist())}
+        win[0][2], win[1][2] = 200, 400
+        win[0][3], win[1][3] = 300, 450
+        q[2], q[3] = exact.keys[slot_of[400]], exact.keys[slot_of[300]]
     a = exact.knn(q, 20, window=win)
     b = fa.knn(q, 20, window=win)
     assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    if window:
+        assert exact.positions[b[1][2]].min() > 200 and 400 not in exact.positions[b[1][2]].tolist()
+        assert exact.positions[b[1][3, 0]] == 300 and b[0][3, 0] == 0
     torch.testing.assert_close(a[0], b[0])
     _check_against_brute(fa, q, 20, window=win)
 

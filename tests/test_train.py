@@ -207,3 +207,24 @@ def test_ddp_two_processes_gloo_match_one_process(tiny_corpus_dir, tmp_path):
     ra = json.loads((tmp_path / "ddp" / runs.RESULTS).read_text())
     rb = json.loads((tmp_path / "single" / runs.RESULTS).read_text())
     assert ra["test_ppl"] == pytest.approx(rb["test_ppl"], rel=1e-3)
+
+
+def test_sampled_softmax_estimates_full_cross_entropy():
+    from lmadapt.train import sampled_softmax_loss, unigram_log_q
+
+    torch.manual_seed(0)
+    decoder = torch.nn.Linear(8, 50)
+    hidden, targets = torch.randn(64, 8), torch.randint(0, 50, (64,))
+    full = torch.nn.functional.cross_entropy(decoder(hidden), targets)
+    counts = torch.randint(1, 100, (50,))
+    est = sampled_softmax_loss(hidden, targets, decoder, 200_000, unigram_log_q(counts))
+    assert est.item() == pytest.approx(full.item(), rel=0.02)
+    few = sampled_softmax_loss(hidden, targets, decoder, 5, unigram_log_q(counts))
+    assert abs(few.item() - full.item()) > 0.05  # a handful of samples is only an estimate
+
+
+def test_training_with_sampled_softmax_learns(tiny_corpus_dir, tmp_path):
+    cfg = tiny_config(tiny_corpus_dir, ["train.epochs=3", "train.sampled_softmax=16",
+                                        "train.sampled_softmax_until=0.7"])
+    results = fit(tmp_path / "run", cfg, load_corpus(cfg.data.name))
+    assert results["valid_ppl"] < 15
