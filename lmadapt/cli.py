@@ -107,6 +107,70 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _method_flags(parser) -> None:
+    """--NAME-FIELD for every registered method's hyper-parameters, --lambda-NAME for mixtures."""
+    import dataclasses
+
+    from lmadapt.methods import REGISTRY
+
+    for name, cls in REGISTRY.items():
+        group = parser.add_argument_group(f"{name} settings")
+        for f in dataclasses.fields(cls.Params):
+            default = f.default
+            group.add_argument(f"--{name}-{f.name.replace('_', '-')}", dest=f"m__{name}__{f.name}", default=None,
+                               metavar=type(default).__name__.upper(), help=f"default {default}")
+        if not cls.adapts_model:
+            group.add_argument(f"--lambda-{name}", dest=f"lambda__{name}", type=float, default=None,
+                               help="mixture weight")
+
+
+def _method_settings(args, config: dict) -> tuple[str, dict, dict]:
+    """Method, per-method params and lambdas: --config file first, explicit flags over it."""
+    method = args.method or config.get("method") or "lstm"
+    params = {k: dict(v) for k, v in config.get("params", {}).items()}
+    lambdas = dict(config.get("lambdas", {}))
+    for key, value in vars(args).items():
+        if value is None:
+            continue
+        if key.startswith("m__"):
+            _, name, field = key.split("__")
+            params.setdefault(name, {})[field] = value
+        elif key.startswith("lambda__"):
+            lambdas[key.split("__")[1]] = value
+    return method, params, lambdas
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from lmadapt.evaluate import evaluate_run, format_table, load_for_eval, save_tokens, torch_device
+    from lmadapt.methods import parse_combination
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = runs.read_json(Path(args.config)) if args.config else {}
+    method, params, lambdas = _method_settings(args, config)
+    parse_combination(method)  # fail on a bad name before loading anything
+    if args.segment < 1:
+        raise LmadaptError(f"--segment must be >= 1, got {args.segment}")
+    device = torch_device(args.device)
+    model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
+    # Build and validate the methods (λ, K vs N, ...) before the long pass.
+    from lmadapt.evaluate import build_methods, mixture_lambdas
+
+    build_methods(parse_combination(method), params)
+    mixture_lambdas(parse_combination(method), lambdas)
+    report, tokens = evaluate_run(model, corpus, args.split, method, params, lambdas, device=device,
+                                  segment_len=args.segment)
+    report["run_dir"] = str(args.run_dir)
+    print(format_table(report))
+    if args.json:
+        runs.write_json(Path(args.json), report)
+    if args.save_tokens:
+        save_tokens(Path(args.save_tokens), tokens)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lmadapt", description="Dynamic test-time adaptation of LSTM language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -123,6 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--force", action="store_true", help="start over in --out, deleting the run there")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run with test-time adaptation methods (streaming, batch size 1)")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="corpus (default: the one the run was trained on)")
+    p.add_argument("--data-dir", help="directory holding named corpora")
+    p.add_argument("--split", default="valid", choices=["valid", "test", "train"])
+    p.add_argument("--method", help="lstm, cache, mbpa, dyneval or a '+' combination such as mbpa+cache")
+    p.add_argument("--config", help="JSON with method, params and lambdas (e.g. from `lmadapt tune`)")
+    p.add_argument("--segment", type=int, default=128, help="positions per segment (speed only; dyneval uses its own)")
+    p.add_argument("--json", help="write the report as JSON here")
+    p.add_argument("--save-tokens", help="write per-token log-probabilities of every method here (.pt)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    _method_flags(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -27,14 +27,14 @@ class TrainConfig:
     seed: int = 1111
     batch_size: int = 32            # global batch (split across DDP ranks)
     bptt: int = 35
-    epochs: int = 10
+    epochs: int = 3
     max_minutes: float = 0.0        # wall-clock training budget; 0 = none. Stops after the current step.
     optimizer: str = "adam"         # adam | adamw | sgd
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     clip: float = 0.25              # max global gradient norm; 0 = off
-    lr_schedule: str = "plateau"    # constant | plateau | cosine
+    lr_schedule: str = "cosine"     # constant | plateau | cosine
     lr_decay: float = 0.5           # plateau: multiply lr by this when validation stalls
     lr_patience: int = 0            # plateau: validations without improvement before decaying
     warmup_steps: int = 0

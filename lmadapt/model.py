@@ -19,17 +19,18 @@ State = list[tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class LMConfig:
-    vocab_size: int = 10000
-    emb_size: int = 400
-    hidden_size: int = 400          # LSTM size of every layer
+    # Defaults are the quick-start model (the bundled sample in ~2 minutes on 2 cores).
+    vocab_size: int = 10000         # set from the corpus at training time
+    emb_size: int = 200
+    hidden_size: int = 200          # LSTM size of every layer
     num_layers: int = 2
     # Dropout, following Merity et al. (AWD-LSTM) and Melis et al. (2017):
-    dropout_embedding: float = 0.0  # drop whole word types from the embedding matrix
-    dropout_input: float = 0.0      # on the embeddings fed to the first LSTM layer
-    dropout_hidden: float = 0.0     # between LSTM layers
-    dropout_output: float = 0.0     # on the last layer's output, before the softmax
+    dropout_embedding: float = 0.05  # drop whole word types from the embedding matrix
+    dropout_input: float = 0.2      # on the embeddings fed to the first LSTM layer
+    dropout_hidden: float = 0.2     # between LSTM layers
+    dropout_output: float = 0.2     # on the last layer's output, before the softmax
     variational: bool = True        # one mask per sequence ("locked" dropout) instead of per step
-    weight_drop: float = 0.0        # DropConnect on the hidden-to-hidden LSTM weights
+    weight_drop: float = 0.1        # DropConnect on the hidden-to-hidden LSTM weights
     tie_weights: bool = True        # softmax weight = embedding (projection added if sizes differ)
     softmax: str = "full"           # output layer kind ("full"; "hebbian" is a training-time option)
 

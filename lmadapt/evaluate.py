@@ -1,0 +1,166 @@
+"""`lmadapt eval`: load a run, run the streaming loop for `lstm` and the requested
+combination, and report perplexities, speed and per-token log-probabilities."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+from pathlib import Path
+
+import torch
+
+from lmadapt import runs
+from lmadapt.errors import LmadaptError
+from lmadapt.methods import BASE, REGISTRY, Method, combination_name, parse_combination
+from lmadapt.mix import check_lambdas, mix_log_probs, perplexity
+from lmadapt.stream import StreamResult, stream_eval
+
+DEFAULT_LAMBDAS = {"cache": 0.15, "mbpa": 0.1}  # the MbPA paper's best PTB setting (App. B)
+TOKENS_FORMAT = "lmadapt-tokens"
+
+
+def coerce_param(method: str, name: str, value, default):
+    """A method hyper-parameter from a flag, JSON or a grid, typed like its default."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if isinstance(default, int):
+            if float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise LmadaptError(f"--{method}-{name} expects a {type(default).__name__}, got {value!r}") from None
+
+
+def build_methods(names: list[str], params: dict[str, dict]) -> list[Method]:
+    methods = []
+    for name in names:
+        cls = REGISTRY[name]
+        defaults = cls.Params()
+        given = params.get(name, {})
+        unknown = set(given) - set(cls.param_names())
+        if unknown:
+            raise LmadaptError(f"unknown {name} setting {sorted(unknown)[0]!r}; valid: {', '.join(cls.param_names())}")
+        values = {k: coerce_param(name, k, v, getattr(defaults, k)) for k, v in given.items()}
+        methods.append(cls(dataclasses.replace(defaults, **values)))
+    return methods
+
+
+def mixture_lambdas(names: list[str], lambdas: dict[str, float]) -> dict[str, float]:
+    out = {n: float(lambdas.get(n, DEFAULT_LAMBDAS.get(n, 0.1))) for n in names if not REGISTRY[n].adapts_model}
+    check_lambdas(out)
+    return out
+
+
+def load_for_eval(run_dir, data: str | None = None, data_dir: str | None = None, device="cpu"):
+    """Model, corpus (encoded with the run's vocabulary) and config of a trained run."""
+    from lmadapt.corpus import Vocab, load_corpus
+    from lmadapt.train import load_model
+
+    run_dir = runs.require_run_dir(run_dir)
+    model, cfg, meta = load_model(run_dir, device)
+    vocab = Vocab.from_dict(runs.read_json(run_dir / runs.VOCAB))
+    spm = (run_dir / runs.SPM).read_bytes() if (run_dir / runs.SPM).is_file() else None
+    name = data or cfg.data.name
+    directory = data_dir if data_dir is not None else cfg.data.data_dir
+    if spm is not None:
+        corpus = load_corpus(name, directory, tokenizer="sentencepiece", vocab=vocab, spm_model=spm)
+    else:
+        # Build the corpus's own vocabulary and compare: the same corpus gives the same one.
+        corpus = load_corpus(name, directory, tokenizer=cfg.data.tokenizer)
+        if corpus.vocab != vocab:
+            raise LmadaptError(f"the vocabulary of {run_dir} ({len(vocab):,} words) does not match corpus "
+                               f"{name!r} ({len(corpus.vocab):,} words): was the model trained on it?")
+    if len(vocab) != model.decoder.out_features:
+        raise LmadaptError(f"{run_dir}: vocab.json has {len(vocab)} words but the model {model.decoder.out_features}")
+    return model, corpus, cfg
+
+
+def _entry(result: StreamResult, log_probs) -> dict:
+    return {"ppl": perplexity(log_probs), "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
+            "seconds": result.seconds}
+
+
+def evaluate_run(model, corpus, split: str, method: str, params: dict[str, dict] | None = None,
+                 lambdas: dict[str, float] | None = None, *, device="cpu", segment_len: int = 128,
+                 memory_index: str = "auto", baseline: StreamResult | None = None) -> tuple[dict, dict]:
+    """Returns (report, tokens): the JSON report and the per-token record."""
+    names = parse_combination(method)
+    methods = build_methods(names, params or {})
+    lam = mixture_lambdas(names, lambdas or {})
+    stream = corpus.split(split)
+    if baseline is None:
+        baseline = stream_eval(model, stream, [], {}, corpus=corpus, device=device, segment_len=segment_len,
+                               desc=f"{split} lstm")
+    combo = combination_name(names)
+    report = {"split": split, "tokens": baseline.tokens, "methods": {BASE: _entry(baseline, baseline.base)}}
+    tokens = {"format": TOKENS_FORMAT, "version": 1, "split": split, "targets": baseline.targets,
+              "train_counts": corpus.train_counts(), "columns": {BASE: baseline.base}, "lambdas": lam,
+              "methods": {BASE: baseline.base}}
+    if names:
+        result = stream_eval(model, stream, methods, lam, corpus=corpus, device=device, segment_len=segment_len,
+                             memory_index=memory_index, desc=f"{split} {combo}")
+        entry = _entry(result, result.mixed)
+        entry["delta_vs_lstm_percent"] = 100 * (entry["ppl"] / report["methods"][BASE]["ppl"] - 1)
+        entry["params"] = {m.name: dataclasses.asdict(m.params) for m in methods}
+        entry["lambdas"] = lam
+        report["methods"][combo] = entry
+        tokens["methods"][combo] = result.mixed
+        tokens["columns"]["base"] = result.base  # differs from lstm under dynamic evaluation
+        for name, (log_p, available) in result.components.items():
+            tokens["columns"][name] = log_p
+            tokens["columns"][f"{name}.available"] = available
+        # Every smaller mixture is free from the same pass (same λ), e.g. lstm+cache beside mbpa+cache.
+        mixers = [n for n in names if n in lam]
+        derived = {}
+        for drop in mixers:
+            keep = {n: result.components[n] for n in mixers if n != drop}
+            if keep and len(mixers) > 1:
+                sub = [n for n in names if n != drop]
+                derived[combination_name(sub)] = perplexity(mix_log_probs(result.base, keep, lam))
+        if derived:
+            report["mixtures_from_same_pass"] = derived
+    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return report, tokens
+
+
+def format_table(report: dict) -> str:
+    rows = [("method", "ppl", "Δ vs lstm", "tokens/s")]
+    base = report["methods"][BASE]["ppl"]
+    for name, e in report["methods"].items():
+        delta = "—" if name == BASE else f"{100 * (e['ppl'] / base - 1):+.1f}%"
+        rows.append((name, f"{e['ppl']:.2f}", delta, f"{e['tokens_per_second']:.0f}"))
+    for name, ppl in report.get("mixtures_from_same_pass", {}).items():
+        rows.append((f"({name})", f"{ppl:.2f}", f"{100 * (ppl / base - 1):+.1f}%", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.append(f"{report['split']}: {report['tokens']:,} tokens scored; peak RSS {report['peak_rss_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+def save_tokens(path: Path, tokens: dict) -> None:
+    runs.save_tensors(path, tokens)
+
+
+def load_tokens(path) -> dict:
+    data = runs.load_tensors(path)
+    if not isinstance(data, dict) or data.get("format") != TOKENS_FORMAT:
+        raise LmadaptError(f"{path} is not an lmadapt tokens file (written by `lmadapt eval --save-tokens`)")
+    return data
+
+
+def torch_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LmadaptError("--device cuda requested but no CUDA device is available")
+    return name

@@ -1,0 +1,38 @@
+"""Method registry: adding a method is one file plus one line here."""
+
+from __future__ import annotations
+
+from lmadapt.errors import LmadaptError
+from lmadapt.methods.base import EvalContext, Method, Segment
+from lmadapt.methods.cache import NeuralCache
+from lmadapt.methods.dyneval import DynamicEvaluation
+from lmadapt.methods.mbpa import MbPA
+
+# Order is the canonical order of names in combinations ("dyneval+mbpa+cache").
+REGISTRY: dict[str, type[Method]] = {
+    DynamicEvaluation.name: DynamicEvaluation,
+    MbPA.name: MbPA,
+    NeuralCache.name: NeuralCache,
+}
+BASE = "lstm"
+
+
+def parse_combination(text: str) -> list[str]:
+    """'mbpa+cache' -> ['mbpa', 'cache'] in canonical order; 'lstm' -> []."""
+    names = [n.strip() for n in text.split("+") if n.strip()]
+    if not names:
+        raise LmadaptError("empty --method")
+    unknown = [n for n in names if n != BASE and n not in REGISTRY]
+    if unknown:
+        valid = ", ".join([BASE, *REGISTRY])
+        raise LmadaptError(f"unknown method {unknown[0]!r}; valid methods: {valid} (combine with '+')")
+    if len(set(names)) != len(names):
+        raise LmadaptError(f"method {text!r} names a method twice")
+    return [n for n in REGISTRY if n in names]
+
+
+def combination_name(names: list[str]) -> str:
+    return "+".join(names) if names else BASE
+
+
+__all__ = ["REGISTRY", "BASE", "Method", "Segment", "EvalContext", "parse_combination", "combination_name"]

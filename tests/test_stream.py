@@ -1,0 +1,136 @@
+"""The streaming loop and its methods against naive references."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lmadapt.adapt import kernel_weights, naive_mbpa
+from lmadapt.errors import LmadaptError
+from lmadapt.methods import parse_combination
+from lmadapt.methods.cache import CacheParams, NeuralCache
+from lmadapt.methods.dyneval import DynamicEvaluation, DynEvalParams
+from lmadapt.methods.mbpa import MbPA, MbPAParams
+from lmadapt.mix import check_lambdas, mix_log_probs
+from lmadapt.model import LMConfig, LSTMLM
+from lmadapt.stream import stream_eval
+
+
+class _Corpus:
+    def __init__(self, train):
+        self.train = train
+
+
+def _model(vocab=30, seed=0):
+    torch.manual_seed(seed)
+    model = LSTMLM(LMConfig(vocab_size=vocab, emb_size=12, hidden_size=12, num_layers=1)).eval()
+    with torch.no_grad():  # a peakier softmax than the tiny init gives
+        model.decoder.weight.mul_(8)
+    return model
+
+
+def _stream(n=260, vocab=30, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    motif = torch.randint(0, vocab, (23,), generator=g)
+    noise = torch.randint(0, vocab, (n,), generator=g)
+    # Repeats make cache/MbPA/dyneval matter; noise keeps it from being trivial.
+    return torch.where(torch.rand(n, generator=g) < 0.7, motif.repeat(n // 23 + 1)[:n], noise)
+
+
+def _methods():
+    return [MbPA(MbPAParams(memory=60, k=8, alpha=0.5, steps=2, beta=0.1)), NeuralCache(CacheParams(window=40, theta=0.5))]
+
+
+def test_results_do_not_depend_on_segment_length():
+    model, stream = _model(), _stream()
+    lambdas = {"mbpa": 0.2, "cache": 0.2}
+    results = [stream_eval(model, stream, _methods(), lambdas, segment_len=L) for L in (1, 7, 128)]
+    ref = results[0]
+    assert ref.tokens == stream.numel() - 1
+    for r in results[1:]:
+        torch.testing.assert_close(r.base, ref.base, atol=1e-5, rtol=0)
+        torch.testing.assert_close(r.mixed, ref.mixed, atol=1e-5, rtol=0)
+        for name in ("mbpa", "cache"):
+            torch.testing.assert_close(r.components[name][0], ref.components[name][0], atol=1e-5, rtol=0)
+            assert torch.equal(r.components[name][1], ref.components[name][1])
+
+
+def _hidden_and_logits(model, stream):
+    with torch.no_grad():
+        hidden, logits, _ = model(stream[:-1].unsqueeze(0))
+    return hidden[0], logits[0]
+
+
+def test_cache_matches_per_token_reference_and_starts_empty():
+    model, stream = _model(), _stream(120)
+    window, theta = 15, 0.7
+    r = stream_eval(model, stream, [NeuralCache(CacheParams(window=window, theta=theta))], {"cache": 0.3}, segment_len=32)
+    hidden, _ = _hidden_and_logits(model, stream)
+    targets = stream[1:]
+    log_p, available = r.components["cache"]
+    assert not available[0] and available[1:].all()
+    torch.testing.assert_close(r.mixed[0], r.base[0])  # empty cache: λ goes back to the model
+    for t in range(1, len(targets)):
+        lo = max(0, t - window)
+        scores = theta * hidden[lo:t] @ hidden[t]
+        attn = torch.softmax(scores, 0)
+        p = attn[targets[lo:t] == targets[t]].sum()
+        expected = torch.log(p) if p > 0 else torch.tensor(float("-inf"))
+        assert torch.allclose(log_p[t], expected, atol=1e-5) or (p == 0 and log_p[t] == float("-inf")), t
+
+
+def test_mbpa_in_the_stream_matches_the_naive_reference():
+    model, stream = _model(), _stream(90)
+    params = MbPAParams(memory=30, k=6, alpha=0.4, steps=3, beta=0.05, eps=1e-3, normalise=False)
+    r = stream_eval(model, stream, [MbPA(params)], {"mbpa": 0.5}, segment_len=16)
+    hidden, _ = _hidden_and_logits(model, stream)
+    targets = stream[1:]
+    log_p = r.components["mbpa"][0]
+    for t in (10, 31, 55, 88):
+        lo = max(0, t - params.memory)
+        keys, vals = hidden[lo:t].double(), targets[lo:t]
+        d2 = ((keys - hidden[t].double()) ** 2).sum(1)
+        k = min(params.k, t - lo)
+        sq, idx = d2.topk(k, largest=False)
+        w = kernel_weights(sq, torch.ones_like(sq, dtype=torch.bool), params.eps, params.normalise)
+        layer = copy.deepcopy(model.decoder).double()
+        ref = naive_mbpa(layer, hidden[t:t + 1].double(), keys[idx].unsqueeze(0), vals[idx].unsqueeze(0),
+                         w.unsqueeze(0), steps=params.steps, lr=params.alpha, beta=params.beta)
+        torch.testing.assert_close(log_p[t].double(), ref[0, targets[t]], atol=1e-4, rtol=0)
+
+
+def test_mixture_and_lambda_checks():
+    base = torch.log(torch.tensor([0.5, 0.1]))
+    comp = (torch.log(torch.tensor([0.1, 0.9])), torch.tensor([True, False]))
+    mixed = mix_log_probs(base, {"cache": comp}, {"cache": 0.25})
+    torch.testing.assert_close(mixed.exp(), torch.tensor([0.75 * 0.5 + 0.25 * 0.1, 0.1]))
+    for bad in ({"cache": 1.2}, {"cache": -0.1}, {"cache": 0.6, "mbpa": 0.5}):
+        with pytest.raises(LmadaptError):
+            check_lambdas(bad)
+    with pytest.raises(LmadaptError, match="valid methods: lstm, dyneval, mbpa, cache"):
+        parse_combination("mbpa+cahce")
+    assert parse_combination("cache+mbpa+dyneval") == ["dyneval", "mbpa", "cache"]
+    with pytest.raises(LmadaptError, match="larger than its memory"):
+        MbPA(MbPAParams(memory=10, k=20))
+
+
+@pytest.mark.parametrize("variant", ["sgd", "rms"])
+def test_dynamic_evaluation_adapts_and_leaves_the_model_alone(variant):
+    model, stream = _model(), _stream(400)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    corpus = _Corpus(_stream(300, seed=5))
+    plain = stream_eval(model, stream, [], {}, segment_len=5)
+    frozen = stream_eval(model, stream, [DynamicEvaluation(DynEvalParams(lr=0.0, decay=0.0, variant=variant))], {},
+                         corpus=corpus)
+    torch.testing.assert_close(frozen.base, plain.base, atol=1e-5, rtol=0)
+    lr = 0.3 if variant == "sgd" else 0.01
+    adapted = stream_eval(model, stream, [DynamicEvaluation(DynEvalParams(lr=lr, decay=0.0, variant=variant))], {},
+                          corpus=corpus)
+    # The stream repeats a motif: adapting on it must lower the NLL, and scoring happens
+    # before each update, so the first segment is unchanged.
+    assert adapted.base.mean() > plain.base.mean() + 0.1
+    torch.testing.assert_close(adapted.base[:5], plain.base[:5], atol=1e-5, rtol=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
