@@ -12,7 +12,7 @@ for recipe in "${recipes[@]}"; do
   out="bench/out/$recipe"
   echo "== $recipe -> $out"
   mkdir -p bench/out
-  /usr/bin/time -v lmadapt train --recipe "$recipe" --data-dir "$data_dir" --out "$out" --threads 2 \
+  /usr/bin/time -v lmadapt train --recipe "$recipe" --data-dir "$data_dir" --out "$out" --threads "${LMADAPT_THREADS:-2}" \
     > "bench/out/$recipe.log" 2>&1 || { tail -5 "bench/out/$recipe.log"; exit 1; }
   grep -E "valid ppl|Maximum resident|Elapsed" "bench/out/$recipe.log"
   cat "$out/results.json"

@@ -171,6 +171,50 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    import torch
+
+    from lmadapt.evaluate import load_for_eval, torch_device
+    from lmadapt.methods import parse_combination
+    from lmadapt.tune import parse_grid, tune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = parse_combination(args.method)
+    method, params, _ = _method_settings(args, {})
+    grids, lambda_grid = parse_grid(args.grid, names)
+    if lambda_grid is not None and any(not 0 <= v <= 1 for v in lambda_grid):
+        raise LmadaptError("--grid lambda values must be in [0, 1]")
+    device = torch_device(args.device)
+    model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
+    best = tune(model, corpus, method, split=args.split, params=params, grid_overrides=grids,
+                lambda_grid=lambda_grid, device=device, segment_len=args.segment, max_passes=args.max_passes)
+    best["run_dir"] = str(args.run_dir)
+    runs.write_json(Path(args.out), best)
+    print(f"{best['method']} on {best['split']}: ppl {best['ppl']:.2f} (lstm {best['lstm_ppl']:.2f}, "
+          f"{best['delta_vs_lstm_percent']:+.1f}%) after {best['passes']} passes")
+    print(f"params {json.dumps(best['params'])}  lambdas {json.dumps(best['lambdas'])}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from lmadapt.evaluate import load_tokens
+    from lmadapt.report import bucket_report, plot_png, to_markdown
+
+    tokens = load_tokens(Path(args.tokens_file))
+    rep = bucket_report(tokens, args.baseline, args.method, args.buckets)
+    markdown = to_markdown(rep)
+    print(markdown, end="")
+    if args.out:
+        out = Path(args.out)
+        runs.write_bytes(out, markdown.encode())
+        runs.write_json(out.with_suffix(".json"), rep)
+        plot_png(rep, out.with_suffix(".png"))
+        print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lmadapt", description="Dynamic test-time adaptation of LSTM language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -202,6 +246,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     _method_flags(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tune", help="grid-search a method's settings and mixture weights on a split")
+    p.add_argument("run_dir")
+    p.add_argument("--method", required=True)
+    p.add_argument("--split", default="valid", choices=["valid", "test", "train"])
+    p.add_argument("--out", required=True, help="best settings as JSON (use with `lmadapt eval --config`)")
+    p.add_argument("--grid", action="append", default=[], metavar="METHOD.PARAM=v1,v2",
+                   help="replace one grid axis (default: the paper's App. B grid); lambda=v1,v2 for the weights")
+    p.add_argument("--max-passes", type=int, default=200, help="refuse grids needing more streaming passes")
+    p.add_argument("--data")
+    p.add_argument("--data-dir")
+    p.add_argument("--segment", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    _method_flags(p)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("report", help="per-frequency-bucket perplexity from an eval --save-tokens file")
+    p.add_argument("tokens_file")
+    p.add_argument("--baseline", default="lstm+cache")
+    p.add_argument("--method", default="mbpa+cache")
+    p.add_argument("--buckets", type=int, default=5)
+    p.add_argument("--out", help="Markdown file; .json and .png are written beside it")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,124 @@
+"""`lmadapt report`: per-frequency-bucket perplexity (the MbPA paper's Fig. 8).
+
+Target words are bucketed by their training-set frequency into buckets holding
+(about) equal numbers of evaluation tokens, bucket 1 = the most frequent
+words; a word type is never split across buckets. For each bucket: the
+perplexity of the baseline and of the method, and the relative improvement
+100·(1 − ppl_method/ppl_baseline) ± 1 sd over bootstrap resamples of the
+bucket's tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lmadapt import runs
+from lmadapt.errors import LmadaptError
+from lmadapt.methods import BASE, REGISTRY, combination_name, parse_combination
+from lmadapt.mix import mix_log_probs
+
+BOOTSTRAP = 200
+
+
+def method_log_probs(tokens: dict, method: str) -> torch.Tensor:
+    """Per-token log p of a combination, rebuilt from a tokens file's columns.
+
+    'lstm+cache' and 'cache' name the same mixture. A mixture of components
+    that were recorded in the same pass is rebuilt with that pass's λ.
+    """
+    names = parse_combination(method.replace(f"{BASE}+", "")) if method != BASE else []
+    key = combination_name(names)
+    if key in tokens["methods"]:
+        return tokens["methods"][key]
+    if not names:
+        return tokens["methods"][BASE]
+    cols = tokens["columns"]
+    if any(REGISTRY[n].adapts_model for n in names):
+        raise LmadaptError(f"{method!r} is not in this tokens file (recorded: {', '.join(tokens['methods'])})")
+    missing = [n for n in names if n not in cols]
+    if missing:
+        raise LmadaptError(f"{method!r} needs the {missing[0]} column, which this tokens file lacks "
+                           f"(recorded: {', '.join(tokens['methods'])})")
+    comps = {n: (cols[n], cols[f"{n}.available"]) for n in names}
+    return mix_log_probs(cols.get("base", cols[BASE]), comps, tokens["lambdas"])
+
+
+def frequency_buckets(targets: torch.Tensor, train_counts: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Bucket id (0 = most frequent) of every token, by cumulative token count over word types."""
+    if buckets < 1:
+        raise LmadaptError(f"--buckets must be >= 1, got {buckets}")
+    types, counts = torch.unique(targets, return_counts=True)
+    order = torch.argsort(train_counts[types], descending=True, stable=True)
+    types, counts = types[order], counts[order]
+    mid = torch.cumsum(counts, 0) - counts / 2  # middle of each type's token range
+    type_bucket = torch.clamp((mid * buckets / targets.numel()).long(), max=buckets - 1)
+    lookup = torch.full((int(train_counts.numel()),), -1, dtype=torch.long)
+    lookup[types] = type_bucket
+    return lookup[targets]
+
+
+def bucket_report(tokens: dict, baseline: str, method: str, buckets: int = 5, seed: int = 0) -> dict:
+    base_lp, meth_lp = method_log_probs(tokens, baseline), method_log_probs(tokens, method)
+    targets, counts = tokens["targets"], tokens["train_counts"]
+    ids = frequency_buckets(targets, counts, buckets)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(buckets):
+        sel = ids == b
+        n = int(sel.sum())
+        if n == 0:
+            continue
+        lb, lm = base_lp[sel].double(), meth_lp[sel].double()
+        ppl_b, ppl_m = float(torch.exp(-lb.mean())), float(torch.exp(-lm.mean()))
+        idx = torch.randint(0, n, (BOOTSTRAP, n), generator=g)
+        boot = 100 * (1 - torch.exp(lb[idx].mean(1) - lm[idx].mean(1)))
+        freqs = counts[targets[sel]]
+        rows.append({"bucket": b + 1, "tokens": n, "word_types": int(torch.unique(targets[sel]).numel()),
+                     "train_freq_min": int(freqs.min()), "train_freq_max": int(freqs.max()),
+                     "ppl_baseline": ppl_b, "ppl_method": ppl_m,
+                     "improvement_percent": 100 * (1 - ppl_m / ppl_b), "improvement_sd": float(boot.std())})
+    overall_b = float(torch.exp(-base_lp.double().mean()))
+    overall_m = float(torch.exp(-meth_lp.double().mean()))
+    return {"split": tokens.get("split"), "baseline": baseline, "method": method, "buckets": rows,
+            "overall": {"ppl_baseline": overall_b, "ppl_method": overall_m,
+                        "improvement_percent": 100 * (1 - overall_m / overall_b)},
+            "sd": f"standard deviation over {BOOTSTRAP} bootstrap resamples of each bucket's tokens"}
+
+
+def to_markdown(rep: dict) -> str:
+    lines = [f"Per-frequency-bucket perplexity on {rep['split']}: {rep['method']} vs {rep['baseline']} "
+             f"(bucket 1 = most frequent target words; ± 1 sd, bootstrap)", "",
+             f"| bucket | train freq | tokens | types | ppl {rep['baseline']} | ppl {rep['method']} | improvement % |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rep["buckets"]:
+        lines.append(f"| {r['bucket']} | {r['train_freq_min']}–{r['train_freq_max']} | {r['tokens']:,} | "
+                     f"{r['word_types']:,} | {r['ppl_baseline']:.2f} | {r['ppl_method']:.2f} | "
+                     f"{r['improvement_percent']:+.2f} ± {r['improvement_sd']:.2f} |")
+    o = rep["overall"]
+    lines.append(f"| all | | | | {o['ppl_baseline']:.2f} | {o['ppl_method']:.2f} | {o['improvement_percent']:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(rep: dict, path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rep["buckets"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([r["bucket"] for r in rows], [r["improvement_percent"] for r in rows],
+           yerr=[r["improvement_sd"] for r in rows], capsize=4, color="tab:blue")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("training-frequency bucket (1 = most frequent)")
+    ax.set_ylabel("perplexity improvement (%)")
+    ax.set_title(f"{rep['method']} vs {rep['baseline']} ({rep['split']})")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    runs.write_bytes(path, buf.getvalue())

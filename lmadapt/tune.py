@@ -1,0 +1,159 @@
+"""`lmadapt tune`: grid search on a validation split.
+
+Mixture components are independent of each other given the base model, so each
+mixture method's grid is run on its own (one streaming pass per setting, every
+pass storing per-token target log-probabilities), and the joint choice of
+settings and λ is then a sweep over stored columns that never touches the
+model again. Dynamic evaluation changes the base model, so when it is part of
+the combination its grid is searched first (alone), and the mixture methods are
+then tuned on top of the best dynamic-evaluation setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+from tqdm import tqdm
+
+from lmadapt.errors import LmadaptError
+from lmadapt.evaluate import build_methods, coerce_param
+from lmadapt.methods import REGISTRY, combination_name, parse_combination
+from lmadapt.mix import mix_log_probs, perplexity
+from lmadapt.stream import stream_eval
+from lmadapt.train import progress_enabled
+
+DEFAULT_LAMBDA_GRID = [0.0, 0.05, 0.1, 0.15]  # the MbPA paper's App. B
+
+
+def parse_grid(items: list[str], names: list[str]) -> tuple[dict[str, dict[str, list]], list[float] | None]:
+    """--grid mbpa.alpha=0.1,0.5 --grid lambda=0,0.1,0.2 -> per-method overrides, λ grid."""
+    grids: dict[str, dict[str, list]] = {}
+    lambda_grid = None
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise LmadaptError(f"--grid expects METHOD.PARAM=v1,v2,... or lambda=v1,v2,..., got {item!r}")
+        parts = [v.strip() for v in values.split(",") if v.strip()]
+        if key == "lambda":
+            try:
+                lambda_grid = sorted({float(v) for v in parts})
+            except ValueError:
+                raise LmadaptError(f"--grid lambda values must be numbers, got {values!r}") from None
+            continue
+        method, _, param = key.partition(".")
+        if method not in names:
+            raise LmadaptError(f"--grid {key}: {method!r} is not part of the method being tuned ({'+'.join(names)})")
+        cls = REGISTRY[method]
+        if param not in cls.param_names():
+            raise LmadaptError(f"--grid {key}: unknown {method} setting; valid: {', '.join(cls.param_names())}")
+        default = getattr(cls.Params(), param)
+        grids.setdefault(method, {})[param] = [coerce_param(method, param, v, default) for v in parts]
+    return grids, lambda_grid
+
+
+def _settings(name: str, fixed: dict, grid_override: dict) -> list[dict]:
+    """All settings of one method: its default grid (with overrides), minus invalid ones."""
+    cls = REGISTRY[name]
+    grid = {**cls.grid, **grid_override}
+    grid = {k: v for k, v in grid.items() if k not in fixed or k in grid_override}
+    keys = sorted(grid)
+    out = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        setting = {**fixed, **dict(zip(keys, combo))}
+        try:
+            build_methods([name], {name: setting})
+        except LmadaptError:
+            continue  # e.g. K > N
+        out.append(setting)
+    if not out:
+        raise LmadaptError(f"the {name} grid has no valid setting")
+    return out
+
+
+def tune(model, corpus, method: str, *, split: str = "valid", params: dict | None = None,
+         grid_overrides: dict | None = None, lambda_grid: list[float] | None = None, device="cpu",
+         segment_len: int = 128, max_passes: int = 200) -> dict:
+    names = parse_combination(method)
+    if not names:
+        raise LmadaptError("nothing to tune for the plain lstm")
+    params = params or {}
+    grid_overrides = grid_overrides or {}
+    lambda_grid = lambda_grid if lambda_grid is not None else DEFAULT_LAMBDA_GRID
+    stream = corpus.split(split)
+    mixers = [n for n in names if not REGISTRY[n].adapts_model]
+    adapters = [n for n in names if REGISTRY[n].adapts_model]
+    plan = {n: _settings(n, params.get(n, {}), grid_overrides.get(n, {})) for n in names}
+    passes = sum(len(v) for v in plan.values()) + 1
+    if passes > max_passes:
+        sizes = ", ".join(f"{n}: {len(v)}" for n, v in plan.items())
+        raise LmadaptError(f"the grid needs {passes} passes over {split} ({sizes}); narrow it with --grid "
+                           f"or raise --max-passes")
+    bar = tqdm(total=passes, desc="tune", unit="pass", disable=not progress_enabled())
+
+    def run(methods):
+        result = stream_eval(model, stream, methods, {m.name: 0.0 for m in methods if not m.adapts_model},
+                             corpus=corpus, device=device, segment_len=segment_len)
+        bar.update(1)
+        return result
+
+    lstm = run([])
+    lstm_ppl = perplexity(lstm.base)
+    trials = []
+    chosen: dict[str, dict] = {}
+    base = lstm.base
+    for name in adapters:
+        best = None
+        for setting in plan[name]:
+            r = run(build_methods([name], {name: setting}))
+            ppl = perplexity(r.base)
+            trials.append({"params": {name: setting}, "ppl": ppl})
+            if best is None or ppl < best[0]:
+                best = (ppl, setting, r.base)
+        chosen[name] = best[1]
+        base = best[2]
+    # Each mixer's settings, run on top of the chosen base model.
+    columns: dict[str, list[tuple[dict, tuple]]] = {}
+    for name in mixers:
+        columns[name] = []
+        for setting in plan[name]:
+            methods = build_methods(adapters, chosen) + build_methods([name], {name: setting})
+            r = run(methods)
+            columns[name].append((setting, r.components[name]))
+            base = r.base if adapters else base
+    bar.close()
+
+    # Joint sweep over settings and λ: only stored columns, no model.
+    best = (perplexity(base), {}, {n: 0.0 for n in mixers})
+    for picks in itertools.product(*(columns[n] for n in mixers)):
+        comps = {n: pick[1] for n, pick in zip(mixers, picks)}
+        for lams in itertools.product(lambda_grid, repeat=len(mixers)):
+            if sum(lams) > 1.0 + 1e-9:
+                continue
+            lam = dict(zip(mixers, lams))
+            ppl = perplexity(mix_log_probs(base, comps, lam))
+            if not math.isfinite(ppl):
+                continue
+            if ppl < best[0]:
+                best = (ppl, {n: pick[0] for n, pick in zip(mixers, picks)}, lam)
+            trials.append({"params": {n: pick[0] for n, pick in zip(mixers, picks)}, "lambdas": lam, "ppl": ppl})
+    best_params = {**chosen, **best[1]}
+    full = {n: dataclasses.asdict(build_methods([n], {n: best_params.get(n, {})})[0].params) for n in names}
+    trials.sort(key=lambda t: t["ppl"])
+    return {
+        "method": combination_name(names),
+        "params": full,
+        "lambdas": best[2],
+        "split": split,
+        "ppl": best[0],
+        "lstm_ppl": lstm_ppl,
+        "delta_vs_lstm_percent": 100 * (best[0] / lstm_ppl - 1),
+        "passes": passes,
+        "lambda_grid": lambda_grid,
+        "grid": {n: {k: sorted({s[k] for s in plan[n]}, key=str) for k in plan[n][0]} for n in names},
+        "top": trials[:20],
+    }
+
+
+__all__ = ["tune", "parse_grid"]
