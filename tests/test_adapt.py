@@ -105,16 +105,16 @@ def test_lowrank_padding_is_harmless():
 
 @pytest.mark.parametrize("steps", [1, 3])
 def test_lowrank_blocked_and_split_paths(monkeypatch, steps):
-    """Tiny budgets force V-blocking with a two-pass softmax, query splitting and dense/CSR S."""
+    """Tiny budgets force V-blocking with a two-pass softmax and query chunking."""
     lin, pool, pool_y, q, idx, w = _problem(7, m=7, K=5, U=40, V=23)
     W, b = lin.weight.detach(), lin.bias.detach()
     with torch.no_grad():
         ref = naive_mbpa(lin, q, pool[idx], pool_y[idx], w, steps=steps, lr=0.6, beta=0.05)
     z_pool = F.linear(pool, W, b)
     for budget in (64, 256):  # (U=40) x (V=23) = 920 elements
-        for csr in (True, False):
+        for query_budget in (8, 1 << 25):
             monkeypatch.setattr(adapt, "_POOL_BUDGET", budget)
-            monkeypatch.setattr(adapt, "_USE_CSR", csr)
+            monkeypatch.setattr(adapt, "_BUDGET", query_budget)
             for logits in (None, z_pool):
                 out = adapted_log_probs_lowrank(
                     q, pool, pool_y, w, W, b, alpha=0.6, steps=steps, beta=0.05, nb_index=idx, nb_logits=logits
