@@ -124,8 +124,11 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
             base = r.base if adapters else base
     bar.close()
 
-    # Joint sweep over settings and λ: only stored columns, no model.
+    # Joint sweep over settings and λ: only stored columns, no model. λ = 0 switches a
+    # component off, so the same sweep also gives the best of every smaller mixture
+    # (e.g. lstm+cache and lstm+mbpa beside mbpa+cache), recorded in `subsets`.
     best = (perplexity(base), {}, {n: 0.0 for n in mixers})
+    subsets: dict[str, tuple] = {}
     for picks in itertools.product(*(columns[n] for n in mixers)):
         comps = {n: pick[1] for n, pick in zip(mixers, picks)}
         for lams in itertools.product(lambda_grid, repeat=len(mixers)):
@@ -135,12 +138,25 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
             ppl = perplexity(mix_log_probs(base, comps, lam))
             if not math.isfinite(ppl):
                 continue
+            setting = {n: pick[0] for n, pick in zip(mixers, picks)}
             if ppl < best[0]:
-                best = (ppl, {n: pick[0] for n, pick in zip(mixers, picks)}, lam)
-            trials.append({"params": {n: pick[0] for n, pick in zip(mixers, picks)}, "lambdas": lam, "ppl": ppl})
-    best_params = {**chosen, **best[1]}
-    full = {n: dataclasses.asdict(build_methods([n], {n: best_params.get(n, {})})[0].params) for n in names}
+                best = (ppl, setting, lam)
+            active = adapters + [n for n in mixers if lam[n] > 0]
+            key = combination_name(active)
+            if key not in subsets or ppl < subsets[key][0]:
+                subsets[key] = (ppl, {n: setting[n] for n in mixers if lam[n] > 0}, {n: lam[n] for n in mixers if lam[n] > 0})
+            trials.append({"params": setting, "lambdas": lam, "ppl": ppl})
+
+    def full_params(chosen_mixers: dict, active: list[str]) -> dict:
+        merged = {**chosen, **chosen_mixers}
+        return {n: dataclasses.asdict(build_methods([n], {n: merged.get(n, {})})[0].params) for n in active}
+
+    full = full_params(best[1], names)
     trials.sort(key=lambda t: t["ppl"])
+    subset_report = {}
+    for key, (ppl, setting, lam) in subsets.items():
+        active = parse_combination(key)
+        subset_report[key] = {"method": key, "params": full_params(setting, active), "lambdas": lam, "ppl": ppl}
     return {
         "method": combination_name(names),
         "params": full,
@@ -153,6 +169,7 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
         "lambda_grid": lambda_grid,
         "grid": {n: {k: sorted({s[k] for s in plan[n]}, key=str) for k in plan[n][0]} for n in names},
         "top": trials[:20],
+        "subsets": subset_report,
     }
 
 

@@ -63,6 +63,11 @@ def test_tune_then_eval_with_config(trained, tmp_path):
     b = json.loads(best.read_text())
     assert b["passes"] == 1 + 4 + 2
     assert b["ppl"] <= b["lstm_ppl"] + 1e-9  # λ = 0 is in the grid
+    # The same sweep gives the best smaller mixtures; none can beat the joint best.
+    assert {"cache", "mbpa", "mbpa+cache"} <= set(b["subsets"])
+    for key, sub in b["subsets"].items():
+        assert sub["ppl"] >= b["ppl"] - 1e-9
+        assert set(sub["lambdas"]) == set(key.split("+")) - {"lstm"}
     # Applying the tuned config reproduces the tuned perplexity.
     out = tmp_path / "e.json"
     assert _cli("eval", root / "run", "--config", best, "--json", out) == 0

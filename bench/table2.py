@@ -1,0 +1,155 @@
+"""The MbPA paper's Table 2 at CPU scale: tune on valid, report valid and test.
+
+    python bench/table2.py RUN_DIR --out bench/out/table2-ptb [--data-dir ../shared/data]
+        [--tune-tokens N] [--grid-size small|paper] [--threads 2]
+
+For one trained run: tunes mbpa+cache (which also yields the best lstm+cache and
+lstm+mbpa from the same stored columns) and dyneval+cache (which yields dyneval
+alone) on the validation split, then evaluates every tuned setting on valid and
+test and writes table.md / table.json (plus each tuned config as JSON, the
+test per-token file of mbpa+cache, and its frequency-bucket report against
+lstm+cache). `--tune-tokens N` tunes on the first N validation tokens only
+(the full split is still used for the reported figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lmadapt import runs  # noqa: E402
+from lmadapt.evaluate import evaluate_run, load_for_eval, save_tokens  # noqa: E402
+from lmadapt.report import bucket_report, plot_png, to_markdown  # noqa: E402
+from lmadapt.stream import stream_eval  # noqa: E402
+from lmadapt.tune import tune  # noqa: E402
+
+GRIDS = {
+    # A reduced version of the paper's App. B grid that fits a CPU budget.
+    "small": {
+        "mbpa": {"memory": [5000], "k": [256], "steps": [1], "alpha": [0.15, 0.5, 1.0, 2.0]},
+        "cache": {"window": [500, 2000], "theta": [0.1, 0.3, 0.6]},
+        "dyneval": {"lr": [0.0005, 0.002, 0.005], "decay": [0.02]},
+        "lambda": [0.0, 0.05, 0.1, 0.15, 0.2, 0.3],
+    },
+    "tiny": {  # a smoke test of the script
+        "mbpa": {"memory": [500], "k": [32], "steps": [1], "alpha": [0.5]},
+        "cache": {"window": [500], "theta": [0.3]},
+        "dyneval": {"lr": [0.002], "decay": [0.02]},
+        "lambda": [0.0, 0.1],
+    },
+    "paper": {
+        "mbpa": {"memory": [500, 1000, 5000], "k": [256, 512], "steps": [1, 5, 10],
+                 "alpha": [0.01, 0.1, 0.15, 0.2, 0.5, 1.0]},
+        "cache": {"window": [500, 1000, 5000], "theta": [0.1, 0.3, 0.5, 1.0]},
+        "dyneval": {"lr": [1e-4, 3e-4, 1e-3, 2e-3, 5e-3], "decay": [0.0, 0.01, 0.02, 0.05]},
+        "lambda": [0.0, 0.05, 0.1, 0.15],
+    },
+}
+ORDER = ["lstm", "cache", "mbpa", "mbpa+cache", "dyneval", "dyneval+cache"]
+
+
+class _Prefix:
+    """The corpus with its validation split cut to the first n tokens (for tuning only)."""
+
+    def __init__(self, corpus, n):
+        self._c, self.valid = corpus, corpus.valid[:n + 1] if n else corpus.valid
+
+    def __getattr__(self, name):
+        return getattr(self._c, name)
+
+    def split(self, name):
+        return self.valid if name == "valid" else self._c.split(name)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run_dir")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--data-dir")
+    ap.add_argument("--tune-tokens", type=int, default=0)
+    ap.add_argument("--grid-size", default="small", choices=list(GRIDS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default=",".join(ORDER[1:]))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, corpus, _ = load_for_eval(args.run_dir, data_dir=args.data_dir)
+    grid = GRIDS[args.grid_size]
+    wanted = set(args.methods.split(","))
+    tuned: dict[str, dict] = {}
+    t0 = time.time()
+    tune_corpus = _Prefix(corpus, args.tune_tokens)
+    if wanted & {"cache", "mbpa", "mbpa+cache"}:
+        best = tune(model, tune_corpus, "mbpa+cache", grid_overrides={"mbpa": grid["mbpa"], "cache": grid["cache"]},
+                    lambda_grid=grid["lambda"])
+        runs.write_json(out / "tune-mbpa+cache.json", best)
+        for key in ("cache", "mbpa", "mbpa+cache"):
+            if key in best["subsets"]:
+                tuned[key] = best["subsets"][key]
+        print(f"[{time.time() - t0:.0f}s] tuned mbpa+cache: {best['ppl']:.2f} (lstm {best['lstm_ppl']:.2f})", flush=True)
+    if wanted & {"dyneval", "dyneval+cache"}:
+        best = tune(model, tune_corpus, "dyneval+cache",
+                    grid_overrides={"dyneval": grid["dyneval"], "cache": {k: v[:1] if k == "window" else v
+                                                                           for k, v in grid["cache"].items()}},
+                    lambda_grid=grid["lambda"])
+        runs.write_json(out / "tune-dyneval+cache.json", best)
+        for key in ("dyneval", "dyneval+cache"):
+            if key in best["subsets"]:
+                tuned[key] = best["subsets"][key]
+        print(f"[{time.time() - t0:.0f}s] tuned dyneval+cache: {best['ppl']:.2f}", flush=True)
+    for key, cfg in tuned.items():
+        runs.write_json(out / f"best-{key}.json", cfg)
+
+    rows = {}
+    baselines = {s: stream_eval(model, corpus.split(s), [], {}, corpus=corpus) for s in ("valid", "test")}
+    rows["lstm"] = {s: {"ppl": float(torch.exp(-baselines[s].base.double().mean())),
+                        "tokens_per_second": baselines[s].tokens / baselines[s].seconds} for s in baselines}
+    for key in ORDER[1:]:
+        if key not in tuned:
+            continue
+        cfg = tuned[key]
+        rows[key] = {"params": cfg["params"], "lambdas": cfg["lambdas"]}
+        for split in ("valid", "test"):
+            rep, tokens = evaluate_run(model, corpus, split, cfg["method"], cfg["params"], cfg["lambdas"],
+                                       baseline=baselines[split])
+            entry = rep["methods"][cfg["method"]]
+            rows[key][split] = {"ppl": entry["ppl"], "tokens_per_second": entry["tokens_per_second"]}
+            if key == "mbpa+cache" and split == "test":
+                save_tokens(out / "tokens-test-mbpa+cache.pt", tokens)
+                rep_b = bucket_report(tokens, "lstm+cache", "mbpa+cache", 5)
+                runs.write_bytes(out / "buckets.md", to_markdown(rep_b).encode())
+                runs.write_json(out / "buckets.json", rep_b)
+                plot_png(rep_b, out / "buckets.png")
+        print(f"[{time.time() - t0:.0f}s] {key}: valid {rows[key]['valid']['ppl']:.2f} test {rows[key]['test']['ppl']:.2f}",
+              flush=True)
+
+    base_test = rows["lstm"]["test"]["ppl"]
+    lines = ["| method | valid ppl | test ppl | Δ test | test tokens/s |", "|---|---|---|---|---|"]
+    for key in ORDER:
+        if key not in rows:
+            continue
+        r = rows[key]
+        name = "lstm" if key == "lstm" else f"lstm+{key}" if not key.startswith("dyneval") else key
+        delta = "" if key == "lstm" else f"{100 * (r['test']['ppl'] / base_test - 1):+.1f}%"
+        lines.append(f"| {name} | {r['valid']['ppl']:.2f} | {r['test']['ppl']:.2f} | {delta} | "
+                     f"{r['test']['tokens_per_second']:.0f} |")
+    table = "\n".join(lines) + "\n"
+    runs.write_bytes(out / "table.md", table.encode())
+    runs.write_json(out / "table.json", {"run_dir": args.run_dir, "grid": grid, "tune_tokens": args.tune_tokens,
+                                         "rows": rows, "seconds": time.time() - t0})
+    print(table)
+    if (out / "buckets.md").exists():
+        print((out / "buckets.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
