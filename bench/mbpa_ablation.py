@@ -55,6 +55,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=20000)
     ap.add_argument("--tokens-slow", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--factors", default=",".join(list(FACTORS) + ["optimizer"]),
+                    help="which factors to vary (T > 1 is slow: (K x K) @ (K x V) per query and step)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, corpus, _ = load_for_eval(args.run_dir, data_dir=args.data_dir)
@@ -80,10 +82,13 @@ def main() -> int:
 
     point("cache N=500 θ=0.3", cache={"window": 500, "theta": 0.3})
     point("mbpa base", mbpa=dict(BASE))
+    factors = args.factors.split(",")
     for factor, values in FACTORS.items():
+        if factor not in factors:
+            continue
         for v in values:
             point(f"mbpa {factor}={v}", mbpa={**BASE, factor: v})
-    for opt, lr in (("sgd", 1.0), ("rmsprop", 0.001), ("rmsprop", 0.01), ("adam", 0.001), ("adam", 0.01)):
+    for opt, lr in [] if "optimizer" not in factors else (("sgd", 1.0), ("rmsprop", 0.001), ("rmsprop", 0.01), ("adam", 0.001), ("adam", 0.01)):
         point(f"mbpa optimizer={opt} α={lr} ({args.tokens_slow} tokens)",
               mbpa={**BASE, "optimizer": opt, "alpha": lr, "k": 64}, tokens=args.tokens_slow)
     print(json.dumps(rows[-1]))

@@ -37,6 +37,12 @@ _STEP_BUDGET = 1 << 22
 # (1 GiB in float32).  Beyond it P is built in column blocks in two passes, the first for
 # the softmax normalisers, which costs a second W h + b when logits are not given.
 _POOL_BUDGET = 1 << 28
+# Bytes of one column slab (U x block) of a stored probability table read by one
+# embedding_bag call of the T = 1 path: about one core's L2, so the ~mK/U reuses of each
+# row hit the cache instead of DRAM.  Measured (V=11,847, U=5,128..5,512, K=256, 1 thread):
+# slabs of 32-128 columns 2-4x faster than one call over whole rows, larger slabs slower.
+_SLAB_BYTES = 1 << 20
+_TOUCH = True
 
 
 def kernel_weights(sq_dist: Tensor, valid_mask: Tensor, eps: float = 1e-3, normalise: bool = True) -> Tensor:
@@ -65,6 +71,9 @@ def adapted_log_probs_lowrank(
     beta: float = 0.0,
     nb_logits: Tensor | None = None,
     nb_index: Tensor | None = None,
+    nb_probs: Tensor | None = None,
+    query_logits: Tensor | None = None,
+    nb_sq_dist: Tensor | None = None,
     chunk: int | None = None,
 ) -> Tensor:
     """Log-probabilities (m, V) of a linear softmax layer after T plain MbPA gradient steps.
@@ -78,8 +87,20 @@ def adapted_log_probs_lowrank(
       what makes T = 1 cheap.
 
     ``nb_weights`` is (m, K) in both.  ``nb_logits`` are the base logits W h_k + b of the
-    neighbours (e.g. stored when their positions were scored); recomputed when None.
-    Padding neighbours must have weight 0.  In the per-query layout their keys/logits may
+    neighbours (e.g. stored when their positions were scored); recomputed when None.  Any
+    per-row shift of them serves as well, e.g. the base log-probabilities: only softmaxes
+    of them are used.  ``nb_probs`` (pool layout, T = 1 only) are the neighbours' base
+    probabilities softmax(W h_k + b), in any float dtype (e.g. a float16 store), either
+    (U, V) or column-blocked (U, blocks, block) with blocks x block >= V (extra columns
+    ignored), as EpisodicMemory keeps a "column-blocked" extra, whose [:, i] slabs are
+    contiguous: T = 1 then needs no softmax and no compaction of the pool, only K rows
+    per query summed.
+    ``query_logits`` (m, V), when given, are the queries' base logits W q + b (saves
+    recomputing them).  ``nb_sq_dist`` (m, K), when given with ``nb_probs``, are the squared
+    distances ||h_k - q||^2 of the neighbours (e.g. from the kNN search): the T = 1 path
+    then takes h_k.q = (||h_k||^2 + ||q||^2 - ||h_k - q||^2) / 2 from them instead of a
+    (m x U) product (same float32 accuracy relative to ||h|| ||q||).  Padding neighbours
+    must have weight 0.  In the per-query layout their keys/logits may
     then hold anything; in the pool layout they must index finite entries (memory.knn's
     padding points at slot 0, a real entry).
 
@@ -124,11 +145,26 @@ def adapted_log_probs_lowrank(
             raise ValueError("pool layout: nb_index (m, K), nb_keys (U, d), nb_values (U,) expected")
         if nb_logits is not None and nb_logits.shape != (U, V):
             raise ValueError(f"nb_logits must be (U, V) = {(U, V)}, got {tuple(nb_logits.shape)}")
-    base = F.linear(q, W, b)
+        if nb_probs is not None and not (
+            nb_probs.shape == (U, V)
+            or (nb_probs.dim() == 3 and nb_probs.shape[0] == U and nb_probs.shape[1] * nb_probs.shape[2] >= V)
+        ):
+            raise ValueError(f"nb_probs must be (U, V) = {(U, V)} or (U, blocks, block), got {tuple(nb_probs.shape)}")
+    if nb_probs is not None and (nb_index is None or steps > 1):
+        raise ValueError("nb_probs serves T = 1 in the pool layout only; give nb_logits (or log-probs) otherwise")
+    if query_logits is not None:
+        if query_logits.shape != (m, V):
+            raise ValueError(f"query_logits must be (m, V) = {(m, V)}, got {tuple(query_logits.shape)}")
+        base = query_logits.to(dev, dt)
+    else:
+        base = F.linear(q, W, b)
     if steps == 0 or K == 0 or m == 0:
         return F.log_softmax(base, -1)
     gamma = 1.0 - 2.0 * alpha * beta
 
+    if nb_probs is not None:
+        z = _one_step_probs(q, base, nb_keys, nb_values, nb_probs, nb_index.to(dev), w, alpha, nb_sq_dist)
+        return F.log_softmax(z, -1)
     if nb_index is not None:
         # Restrict the pool to the entries actually referenced (the memory may be larger).
         uniq, inv = _compact(nb_index.to(dev), U)
@@ -247,12 +283,60 @@ def _one_step_pool(q, keys, vals, logits, inv, w, W, b, alpha):
     return delta.mul_(-alpha)
 
 
+def _one_step_probs(q, base, keys, vals, probs, index, w, alpha, sq_dist=None):
+    """T = 1 from stored base probabilities: adapted logits z(q) + Delta z(q), where
+    Delta z(q) = -alpha sum_k c_k (p_{u_k} - e_{v_k}) and c_k = w_k (h_k.q + 1).
+
+    h_k.q comes from the squared distances when given, else from one (m x U) product (a
+    GEMM: measured 3x faster than gathering the m K keys for K dot products per query).
+    The weighted sum of K rows of P per query is F.embedding_bag over column slabs of P: a
+    slab of all U rows (about one L2 cache) is read once per call and every query then
+    reads its K rows from cache, where whole-row gathers stream ~mK rows of V from DRAM.
+    A column-blocked table is read slab by slab as stored; a (U, V) one is cut into slabs
+    of _SLAB_BYTES, each copied contiguous by embedding_bag (measured 4-6x slower to read
+    than a stored slab).  A low-precision table is converted one slab at a time: sums are
+    in the queries' dtype (float32) whatever the table's.
+    """
+    m, K = index.shape
+    U, V = probs.shape[0], base.shape[1]
+    dt, dev = q.dtype, q.device
+    keys = keys.to(dev, dt)
+    if sq_dist is not None:
+        k_sq = (keys * keys).sum(1)[index]
+        dots = (k_sq + (q * q).sum(1, keepdim=True) - sq_dist.to(dev, dt)) * 0.5
+        # padding entries (weight 0) may carry an infinite distance: keep them at 0
+        coef = torch.where(w != 0, (dots + 1) * w, torch.zeros((), dtype=dt, device=dev))
+    else:
+        coef = torch.empty(m, K, dtype=dt, device=dev)
+        step = max(1, _BUDGET // max(1, U))  # bounds the (queries x U) product
+        for s in range(0, m, step):
+            e = min(m, s + step)
+            coef[s:e] = (q[s:e] @ keys.T).gather(1, index[s:e]).add_(1).mul_(w[s:e])
+    probs = probs.to(dev)
+    if probs.dim() == 3:
+        block = probs.shape[2]
+        slabs = (probs[:, i] for i in range(probs.shape[1]))
+    else:
+        block = max(16, _SLAB_BYTES // (max(1, U) * q.element_size()) // 16 * 16)
+        slabs = (probs[:, s : s + block] for s in range(0, V, block))
+    z = base.clone()
+    for s, slab in zip(range(0, V, block), slabs):  # each (m x block) result is added while in cache
+        if slab.dtype != dt:
+            slab = slab.to(dt)
+        elif _TOUCH:
+            slab.sum()
+        part = F.embedding_bag(index, slab, per_sample_weights=coef, mode="sum")
+        z[:, s : s + block].add_(part[:, : min(block, V - s)], alpha=-alpha)
+    return z.scatter_add_(1, vals[index].to(dev), coef * alpha)  # the +alpha c_k e_{v_k} part
+
+
 @dataclass
 class LinearMbPA:
     """MbPA on a linear softmax output layer (W, b), reading neighbours from an EpisodicMemory.
 
-    ``logits_extra`` names a memory extra holding each entry's base logits (saves
-    recomputing W h + b); None recomputes them from W.
+    ``logits_extra`` names a memory extra holding each entry's base logits or log-probs
+    (saves recomputing W h + b); None recomputes them from W.  ``probs_extra`` names one
+    holding each entry's base probabilities, used for T = 1 (no softmax per call).
     """
 
     weight: Tensor
@@ -264,14 +348,20 @@ class LinearMbPA:
     eps: float = 1e-3
     normalise: bool = True
     logits_extra: str | None = None
+    probs_extra: str | None = None
 
-    def log_probs(self, queries: Tensor, memory, *, window=None) -> Tensor:
+    def log_probs(self, queries: Tensor, memory, *, window=None, query_logits: Tensor | None = None) -> Tensor:
         sq, idx, valid = memory.knn(queries, self.k, window=window)
         w = kernel_weights(sq, valid, self.eps, self.normalise)
-        logits = memory.extra(self.logits_extra) if self.logits_extra else None
+        probs = logits = None
+        if self.probs_extra and self.steps == 1:
+            probs = memory.extra(self.probs_extra)
+        elif self.logits_extra:
+            logits = memory.extra(self.logits_extra)
         return adapted_log_probs_lowrank(
             queries, memory.keys, memory.values, w, self.weight, self.bias,
             alpha=self.alpha, steps=self.steps, beta=self.beta, nb_logits=logits, nb_index=idx,
+            nb_probs=probs, query_logits=query_logits, nb_sq_dist=sq if probs is not None else None,
         )
 
 

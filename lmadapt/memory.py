@@ -35,6 +35,20 @@ import torch
 _AUTO_FAISS_CAPACITY = 20000
 _DIST_BUDGET = 1 << 24  # elements in one (query chunk x memory) distance matrix
 _RERANK_EXTRA = 8  # candidates beyond k that get an exact distance before the final cut
+# Elements of one (query chunk x candidates x d) gather of the re-ranking: a cache-sized
+# chunk, updated in place (measured 8x faster than 64 MiB chunks with two temporaries:
+# 45 vs 370 us per query for 264 candidates of d=200, 1 thread, before index_select).
+_RERANK_BUDGET = 1 << 20
+# A "column-blocked" extra (see EpisodicMemory) is cut into blocks of columns of about this
+# many bytes of float32 at full capacity: one block of all entries is then one contiguous
+# slab of about one core's L2.
+_SLAB_BYTES = 1 << 20
+COLUMN_BLOCKED = "column-blocked"
+
+
+def column_block(capacity: int, width: int) -> int:
+    """Columns per block of a column-blocked extra of ``width`` columns."""
+    return min(width, max(16, _SLAB_BYTES // (max(1, capacity) * 4) // 16 * 16))
 
 
 def _as_bounds(b, m: int, device) -> torch.Tensor:
@@ -46,7 +60,13 @@ class EpisodicMemory:
     """Ring buffer of ``capacity`` entries with ``key_dim``-dimensional keys.
 
     ``extras`` declares named per-entry tensors, e.g. ``{"logits": ((V,), torch.float16)}``;
-    every :meth:`add` must then supply them.
+    every :meth:`add` must then supply them.  A third element ``"column-blocked"`` (for a
+    (V,) extra) stores it in blocks of columns, each block of all entries one contiguous
+    slab: :meth:`extra` then returns a (len, blocks, block) view whose ``[:, i]`` is
+    contiguous, columns past V being zero padding (:meth:`add` still takes (n, V)).  This is
+    for readers that go through all entries one block of columns at a time (MbPA's T = 1
+    gather): slicing columns of an entry-major (len, V) table reads it row by row with a
+    stride of V, measured 4-6x slower than reading contiguous slabs.
     """
 
     def __init__(
@@ -57,7 +77,7 @@ class EpisodicMemory:
         device="cpu",
         dtype: torch.dtype = torch.float32,
         index: str = "exact",
-        extras: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+        extras: dict[str, tuple] | None = None,
         ivf_nlist: int | None = None,
         ivf_nprobe: int = 8,
     ):
@@ -77,11 +97,21 @@ class EpisodicMemory:
         self._keys = torch.zeros(self.capacity, self.key_dim, dtype=dtype, device=self.device)
         self._values = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
         self._positions = torch.zeros(self.capacity, dtype=torch.long, device=self.device)
-        self._extra_specs = {k: (tuple(s), dt) for k, (s, dt) in (extras or {}).items()}
-        self._extras = {
-            name: torch.zeros((self.capacity, *shape), dtype=dt, device=self.device)
-            for name, (shape, dt) in self._extra_specs.items()
-        }
+        self._extra_specs, self._extras, self._blocked = {}, {}, {}
+        for name, spec in (extras or {}).items():
+            shape, dt = tuple(spec[0]), spec[1]
+            layout = spec[2] if len(spec) > 2 else None
+            self._extra_specs[name] = (shape, dt)
+            if layout is None:
+                self._extras[name] = torch.zeros((self.capacity, *shape), dtype=dt, device=self.device)
+            elif layout == COLUMN_BLOCKED and len(shape) == 1:
+                block = column_block(self.capacity, shape[0])
+                blocks = -(-shape[0] // block)
+                slabs = torch.zeros((blocks, self.capacity, block), dtype=dt, device=self.device)
+                self._extras[name] = slabs.permute(1, 0, 2)  # entry-major view of block-major storage
+                self._blocked[name] = blocks * block - shape[0]  # padding columns
+            else:
+                raise ValueError(f"extra {name!r}: layout must be {COLUMN_BLOCKED!r} for a (V,) extra, not {layout!r}")
         self._len = 0
         self._ptr = 0  # next slot to write
         self._next_pos = 0  # default position of the next entry
@@ -153,11 +183,17 @@ class EpisodicMemory:
         skip = n - kept
         slots = (self._ptr + skip + torch.arange(kept, device=self.device)) % self.capacity
         overwritten = slots[slots < self._len]
-        self._keys[slots] = keys[skip:]
-        self._values[slots] = values[skip:]
-        self._positions[slots] = positions[skip:]
+        # index_copy_: a plain row scatter (the extras can be n x V floats per call)
+        self._keys.index_copy_(0, slots, keys[skip:])
+        self._values.index_copy_(0, slots, values[skip:])
+        self._positions.index_copy_(0, slots, positions[skip:])
         for name, t in ex.items():
-            self._extras[name][slots] = t[skip:]
+            t = t[skip:]
+            if name in self._blocked:
+                if self._blocked[name]:
+                    t = torch.nn.functional.pad(t, (0, self._blocked[name]))
+                t = t.reshape(kept, *self._extras[name].shape[1:])
+            self._extras[name].index_copy_(0, slots, t)
         self._ptr = (self._ptr + n) % self.capacity
         self._len = min(self._len + n, self.capacity)
         self._next_pos = int(positions[-1]) + 1
@@ -237,7 +273,14 @@ class EpisodicMemory:
     def _exact_candidates(self, q, n_cand, lo, hi) -> torch.Tensor:
         """Top ``n_cand`` slots per query by the expanded distance; -1 where invalid."""
         n = self._len
-        h = self._keys[:n]
+        # ||q - h||^2 = ||q~||^2 - 2 q~.h~ + ||h~||^2 with both shifted by the keys' mean: the
+        # same distances, but the cancellation error scales with the keys' spread instead of
+        # their norm.  LSTM states can sit in a small ball far from 0 (seen: mean ||h||^2 = 43,
+        # spread 0.008, neighbour distances 1e-9..1e-5), where unshifted float32 rounding
+        # (~1e-5) picked wrong candidates that the re-ranking could not recover.
+        centre = self._keys[:n].mean(0)
+        h = self._keys[:n] - centre
+        q = q - centre
         h_sq = (h * h).sum(1)
         pos = self._positions[:n]
         out = []
@@ -257,10 +300,13 @@ class EpisodicMemory:
         ok = self._in_window(cand, lo, hi)
         safe = cand.clamp_min(0)
         d = torch.empty(cand.shape, dtype=self.dtype, device=self.device)
-        step = max(1, _DIST_BUDGET // max(1, cand.shape[1] * self.key_dim))
+        step = max(1, _RERANK_BUDGET // max(1, cand.shape[1] * self.key_dim))
         for s in range(0, q.shape[0], step):
-            diff = self._keys[safe[s : s + step]] - q[s : s + step, None, :]
-            d[s : s + step] = (diff * diff).sum(-1)
+            block = safe[s : s + step]
+            # a fresh gather (index_select: ~4x faster than keys[block] for row gathers), updated in place
+            diff = self._keys.index_select(0, block.reshape(-1)).view(*block.shape, self.key_dim)
+            diff.sub_(q[s : s + step, None, :])
+            d[s : s + step] = diff.square_().sum(-1)
         d.masked_fill_(~ok, float("inf"))
         dv, order = torch.sort(d, dim=1, stable=True)
         dv, order = dv[:, :kk], order[:, :kk]

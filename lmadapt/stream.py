@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from lmadapt.memory import EpisodicMemory
+from lmadapt.memory import COLUMN_BLOCKED, EpisodicMemory
 from lmadapt.methods import EvalContext, Method, Segment
 from lmadapt.mix import mix_log_probs
 from lmadapt.model import detach_state
@@ -41,33 +41,80 @@ class StreamResult:
         return int(self.targets.numel())
 
 
+DEFAULT_SEGMENT = 128
+
+# Per-entry quantities a method may ask the shared memory to keep (Method.memory_extras),
+# each a (V,) vector per position, taken from the segment when the position is scored.
+EXTRAS = {
+    "logits": lambda seg: seg.logits,
+    "log_probs": lambda seg: seg.log_probs,
+    "probs": lambda seg: seg.log_probs.exp(),
+}
+# Storage layout of an extra in the memory (default: entry-major).  The probabilities are
+# read by MbPA's T = 1 gather one block of columns of all entries at a time.
+LAYOUT = {"probs": COLUMN_BLOCKED}
+
+
+def _requested_extras(methods: list[Method]) -> dict[str, torch.dtype]:
+    wanted: dict[str, torch.dtype] = {}
+    for m in methods:
+        for name, dt in m.memory_extras().items():
+            if name not in EXTRAS:
+                raise ValueError(f"{m.name} asks the memory for unknown extra {name!r}; known: {sorted(EXTRAS)}")
+            # two methods asking for the same extra share it, at the wider precision
+            if name not in wanted or torch.finfo(dt).bits > torch.finfo(wanted[name]).bits:
+                wanted[name] = dt
+    return wanted
+
+
+def make_memory(model, methods: list[Method], segment_len: int, device, memory_index: str = "auto"):
+    """The memory shared by the mixture methods (None when none reads one): the largest
+    window any of them reads plus one segment, with every extra they ask for."""
+    window = max((m.memory_window() for m in methods if not m.adapts_model), default=0)
+    if window <= 0:
+        return None
+    V = model.decoder.out_features
+    extras = {name: ((V,), dt, LAYOUT.get(name)) for name, dt in _requested_extras(methods).items()}
+    return EpisodicMemory(window + segment_len, model.feature_size, device=device, extras=extras, index=memory_index)
+
+
+def memory_extras_of(methods: list[Method]):
+    """seg -> the extras to store for its positions (see EXTRAS)."""
+    names = list(_requested_extras(methods))
+    return lambda seg: {name: EXTRAS[name](seg) for name in names}
+
+
 def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str, float], *, corpus=None,
-                device="cpu", segment_len: int = 128, memory_index: str = "auto",
+                device="cpu", segment_len: int | None = None, memory_index: str = "auto",
                 desc: str | None = None) -> StreamResult:
+    """Score `stream` with the base model and `methods`. `segment_len` is a speed knob only
+    (None: the largest of the methods' preferred lengths, else DEFAULT_SEGMENT); a method
+    that adapts the model fixes it to its own."""
     device = torch.device(device)
     adapting = [m for m in methods if m.adapts_model]
     mixers = [m for m in methods if not m.adapts_model]
+    if segment_len is None:
+        segment_len = max((n for m in mixers if (n := m.preferred_segment_len())), default=DEFAULT_SEGMENT)
     if adapting:
         model = copy.deepcopy(model)  # dynamic evaluation moves the weights; keep the caller's model intact
         segment_len = adapting[0].params.segment
     model.eval()
     stream = stream.to(device)
 
-    memory = None
-    window = max((m.memory_window() for m in mixers), default=0)
-    keep_logits = any(m.needs_logits for m in mixers)
-    if window > 0:
-        extras = {}
-        if keep_logits:
-            extras["logits"] = ((model.decoder.out_features,), torch.float32)
-        memory = EpisodicMemory(window + segment_len, model.feature_size, device=device, extras=extras,
-                                index=memory_index)
+    memory = make_memory(model, mixers, segment_len, device, memory_index)
+    extras_of = memory_extras_of(mixers)
     ctx = EvalContext(model=model, corpus=corpus, memory=memory, device=device, segment_len=segment_len)
     for m in methods:
         m.start(ctx)
 
     n = stream.numel() - 1
-    base_parts, comp_parts = [], {m.name: ([], []) for m in mixers}
+    # Outputs are written into tensors allocated once: small per-segment tensors kept to the
+    # end landed in the holes the freed (L x V) temporaries leave on glibc's heap, so every
+    # segment's temporaries needed fresh heap and the RSS grew by ~V floats per token (1 GB
+    # per 8k tokens at V=33k; ~30 GB for the WikiText-2 test set).
+    base_out = torch.empty(n, device=device)
+    comp_out = {m.name: (torch.empty(n, device=device), torch.empty(n, dtype=torch.bool, device=device))
+                for m in mixers}
     state = model.init_state(1, device)
     bar = tqdm(total=n, desc=desc, unit="tok", disable=not (desc and progress_enabled()), leave=False)
     start = time.perf_counter()
@@ -81,25 +128,24 @@ def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str,
         seg = Segment(positions=torch.arange(s, e, device=device), hidden=hidden[0].detach(),
                       logits=logits[0].detach().float(), log_probs=log_probs.detach(), targets=y)
         if memory is not None:
-            extra = {"logits": seg.logits} if keep_logits else {}
-            memory.add(seg.hidden, y, seg.positions, **extra)
+            memory.add(seg.hidden, y, seg.positions, **extras_of(seg))
         with torch.no_grad():
             for m in mixers:
                 log_p, available = m.target_log_probs(seg)
-                comp_parts[m.name][0].append(log_p)
-                comp_parts[m.name][1].append(available)
+                comp_out[m.name][0][s:e] = log_p
+                comp_out[m.name][1][s:e] = available
         loss = -base.mean()
         for m in methods:
             m.observe(seg, loss)
         state = detach_state(new_state)
-        base_parts.append(base.detach())
+        base_out[s:e] = base.detach()
         bar.update(e - s)
     seconds = time.perf_counter() - start
     bar.close()
 
-    result = StreamResult(targets=stream[1:n + 1].cpu(), base=torch.cat(base_parts).cpu(), seconds=seconds)
-    for name, (lp, av) in comp_parts.items():
-        result.components[name] = (torch.cat(lp).cpu(), torch.cat(av).cpu())
+    result = StreamResult(targets=stream[1:n + 1].cpu(), base=base_out.cpu(), seconds=seconds)
+    for name, (lp, av) in comp_out.items():
+        result.components[name] = (lp.cpu(), av.cpu())
     result.mixed = mix_log_probs(result.base, result.components, lambdas)
     if device.type == "cuda":
         result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20

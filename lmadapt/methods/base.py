@@ -60,6 +60,18 @@ class Method:
         """How many past positions this method reads from the shared memory (0: none)."""
         return 0
 
+    def memory_extras(self) -> dict[str, torch.dtype]:
+        """Per-entry vectors the shared memory must keep, by name and storage dtype: any of
+        "logits", "log_probs", "probs" (lmadapt.stream.EXTRAS), recorded when each position
+        is scored. Default: the base logits when `needs_logits`."""
+        return {"logits": torch.float32} if self.needs_logits else {}
+
+    def preferred_segment_len(self) -> int | None:
+        """Positions per stream segment this method runs fastest at (None: no preference).
+        Only a speed hint: results never depend on the segment length. The loop uses the
+        largest preference when its caller gives no length and no method adapts the model."""
+        return None
+
     def start(self, ctx: EvalContext) -> None:
         """Called once before the stream."""
 

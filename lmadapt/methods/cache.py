@@ -16,6 +16,8 @@ import torch
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import Method, Segment
 
+_ROWS = 128  # segment rows per attention block
+
 
 @dataclass
 class CacheParams:
@@ -40,16 +42,31 @@ class NeuralCache(Method):
         self.memory = ctx.memory
 
     def target_log_probs(self, seg: Segment):
+        # Rows go in blocks: each block attends over its own window (N + block entries), so a
+        # long stream segment (MbPA prefers 512) costs no more per row than a short one.
+        parts = [self._rows(seg.hidden[s:s + _ROWS], seg.positions[s:s + _ROWS], seg.targets[s:s + _ROWS])
+                 for s in range(0, seg.positions.numel(), _ROWS)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _rows(self, hidden, rows, targets):
         mem = self.memory
         keys, values, positions = mem.keys, mem.values, mem.positions
-        t = seg.positions.unsqueeze(1)
+        t = rows.unsqueeze(1)
+        # The shared memory may be much longer than this window (MbPA's N): attend only over
+        # the entries some row can see.
+        near = (positions >= rows.min() - self.params.window) & (positions < rows.max())
+        if not bool(near.all()):
+            slots = near.nonzero().squeeze(1)
+            keys, values, positions = keys[slots], values[slots], positions[slots]
         # Strictly earlier, and within the last N positions.
         visible = (positions.unsqueeze(0) < t) & (positions.unsqueeze(0) >= t - self.params.window)
-        scores = self.params.theta * (seg.hidden @ keys.T)
+        scores = self.params.theta * (hidden @ keys.T)
         scores = scores.masked_fill(~visible, float("-inf"))
         available = visible.any(1)
         # Rows with nothing visible get a harmless 0 instead of NaN from an all -inf softmax.
         log_attn = torch.log_softmax(torch.where(available.unsqueeze(1), scores, torch.zeros_like(scores)), 1)
-        hits = values.unsqueeze(0) == seg.targets.unsqueeze(1)
+        hits = values.unsqueeze(0) == targets.unsqueeze(1)
         log_p = torch.logsumexp(log_attn.masked_fill(~(hits & visible), float("-inf")), 1)
         return log_p, available

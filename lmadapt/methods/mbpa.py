@@ -4,15 +4,26 @@ For each query: the K nearest of the last N (hidden, next word) pairs, kernel
 weights 1/(ε + ‖h_k − q‖²), T steps of size α on the output layer's weight and
 bias against the weighted neighbour NLL plus β‖θ_x − θ‖², predict, discard.
 With plain gradient steps the adapted logits come from the exact rank-K form
-(lmadapt.adapt.adapted_log_probs_lowrank), reusing each neighbour's base
-logits stored in the memory when it was scored. RMSprop/Adam steps break the
-low-rank structure and go through the batched torch.func path instead.
+(lmadapt.adapt.adapted_log_probs_lowrank), reusing what the memory stored for
+each neighbour when its position was scored: for T = 1 its base probabilities
+(the step needs exactly those: no softmax per query or per segment, only a
+gather of K rows per query), for T > 1 its base log-probabilities (a shift of
+the logits, which serves the same). `store` sets the dtype of the T = 1
+probability table (N x V, the largest thing in memory): float32 (default,
+exact up to float32 rounding), or float16 / bfloat16 to halve its memory (not
+its time: each slab is converted back to float32 before the gather). Sums are
+float32 either way; the only error is the rounding of each stored probability
+(relative 2^-11 for float16, which has the smaller error on [0, 1] and only
+loses relative precision below 6e-5, i.e. absolute errors < 3e-8; 2^-8 for
+bfloat16); bench/bench_speed.py --store-error measures it on a real stream.
+RMSprop/Adam steps break the low-rank structure and go through the batched
+torch.func path instead (nothing stored).
 
-With dynamic evaluation the stored base logits lag the current weights (they
-are the logits the model had when that position was scored); we keep them
-as they are: MbPA then adapts from the current weights using slightly stale
-neighbour predictions, which costs nothing and changes little for small
-dynamic-evaluation learning rates.
+With dynamic evaluation the stored base predictions lag the current weights
+(they are what the model predicted when that position was scored); we keep
+them as they are: MbPA then adapts from the current weights using slightly
+stale neighbour predictions, which costs nothing and changes little for
+small dynamic-evaluation learning rates.
 """
 
 from __future__ import annotations
@@ -36,6 +47,15 @@ class MbPAParams:
     eps: float = 1e-3       # kernel epsilon
     normalise: bool = True  # kernel weights sum to 1
     optimizer: str = "sgd"  # sgd (exact rank-K path) | rmsprop | adam (torch.func path)
+    store: str = "float32"  # dtype of the stored neighbour probabilities (T=1): float32 | float16 | bfloat16
+
+
+_STORE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Stream segment length the T = 1 path prefers: the (N + L) x V table is read from DRAM
+# once per segment and then served from cache, so longer segments amortise it.  Measured
+# end to end (bench/bench_speed.py --skip 5000, V=11,847, d=200, N=5000, K=256, 1 thread,
+# a loaded machine): 128: 1.0-1.1k tokens/s, 256-512: 1.4-1.9k, 1024: 1.2-1.3k.
+_SEGMENT = 512
 
 
 class MbPA(Method):
@@ -54,11 +74,24 @@ class MbPA(Method):
             raise LmadaptError(f"mbpa k={p.k} is larger than its memory N={p.memory}")
         if p.optimizer not in ("sgd", "rmsprop", "adam"):
             raise LmadaptError(f"mbpa optimizer must be sgd, rmsprop or adam, got {p.optimizer!r}")
+        if p.store not in _STORE:
+            raise LmadaptError(f"mbpa store must be one of {', '.join(_STORE)}, got {p.store!r}")
 
-    needs_logits = True
+    def _one_step(self) -> bool:
+        return self.params.optimizer == "sgd" and self.params.steps == 1
 
     def memory_window(self) -> int:
         return self.params.memory
+
+    def memory_extras(self) -> dict[str, torch.dtype]:
+        if self.params.optimizer != "sgd":
+            return {}  # the torch.func path recomputes everything from the neighbours' inputs
+        if self._one_step():
+            return {"probs": _STORE[self.params.store]}
+        return {"log_probs": torch.float32}
+
+    def preferred_segment_len(self) -> int | None:
+        return _SEGMENT if self._one_step() else None
 
     def start(self, ctx) -> None:
         self.memory = ctx.memory
@@ -66,7 +99,7 @@ class MbPA(Method):
         p = self.params
         self.local = LinearMbPA(self.decoder.weight.detach(), self.decoder.bias.detach(), k=p.k, alpha=p.alpha,
                                 steps=p.steps, beta=p.beta, eps=p.eps, normalise=p.normalise,
-                                logits_extra="logits")
+                                logits_extra="log_probs", probs_extra="probs")
 
     def target_log_probs(self, seg: Segment):
         t = seg.positions
@@ -75,7 +108,7 @@ class MbPA(Method):
         if p.optimizer == "sgd":
             # Dynamic evaluation may have moved the weights: always adapt from the current ones.
             self.local.weight, self.local.bias = self.decoder.weight.detach(), self.decoder.bias.detach()
-            log_probs = self.local.log_probs(seg.hidden, self.memory, window=window)
+            log_probs = self.local.log_probs(seg.hidden, self.memory, window=window, query_logits=seg.logits)
         else:
             sq, idx, valid = self.memory.knn(seg.hidden, p.k, window=window)
             w = kernel_weights(sq, valid, p.eps, p.normalise)
