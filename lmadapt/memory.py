@@ -187,19 +187,33 @@ class EpisodicMemory:
         self._keys.index_copy_(0, slots, keys[skip:])
         self._values.index_copy_(0, slots, values[skip:])
         self._positions.index_copy_(0, slots, positions[skip:])
+        first = (self._ptr + skip) % self.capacity
         for name, t in ex.items():
-            t = t[skip:]
-            if name in self._blocked:
-                if self._blocked[name]:
-                    t = torch.nn.functional.pad(t, (0, self._blocked[name]))
-                t = t.reshape(kept, *self._extras[name].shape[1:])
-            self._extras[name].index_copy_(0, slots, t)
+            if name in self._blocked:  # the slots are at most two runs: plain strided copies
+                run = min(kept, self.capacity - first)
+                self._write_blocked(name, first, t[skip : skip + run])
+                self._write_blocked(name, 0, t[skip + run :])
+            else:
+                self._extras[name].index_copy_(0, slots, t[skip:])
         self._ptr = (self._ptr + n) % self.capacity
         self._len = min(self._len + n, self.capacity)
         self._next_pos = int(positions[-1]) + 1
         if self._faiss is not None:
             self._faiss_update(slots, overwritten)
         return slots
+
+    def _write_blocked(self, name: str, start: int, t: torch.Tensor) -> None:
+        """Rows ``t`` (k, V) into slots start..start+k-1 of a column-blocked extra."""
+        k, V = t.shape
+        if k == 0:
+            return
+        view = self._extras[name]
+        block = view.shape[2]
+        full = V // block
+        if full:
+            view[start : start + k, :full].copy_(t[:, : full * block].reshape(k, full, block))
+        if full * block < V:
+            view[start : start + k, full, : V - full * block].copy_(t[:, full * block :])
 
     def clear(self) -> None:
         self._len = 0

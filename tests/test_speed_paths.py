@@ -193,3 +193,45 @@ def test_cache_row_blocks(monkeypatch):
     blocked = stream_eval(model, stream, [NeuralCache(cache)], {"cache": 0.2}, segment_len=70)
     torch.testing.assert_close(blocked.components["cache"][0], ref.components["cache"][0], atol=1e-6, rtol=0)
     assert torch.equal(blocked.components["cache"][1], ref.components["cache"][1])
+
+
+@pytest.mark.parametrize("V", [37, 64])  # with and without padding columns
+def test_column_blocked_extra_matches_entry_major(monkeypatch, V):
+    import lmadapt.memory as memory_mod
+
+    monkeypatch.setattr(memory_mod, "_SLAB_BYTES", 16 * 4 * 10)  # capacity 10: blocks of 16 columns
+    g = torch.Generator().manual_seed(0)
+    spec = ((V,), torch.float32)
+    plain = EpisodicMemory(10, 3, extras={"p": spec})
+    blocked = EpisodicMemory(10, 3, extras={"p": (*spec, memory_mod.COLUMN_BLOCKED)})
+    for n in (4, 7, 13, 2):  # wraps around, and one add larger than the capacity
+        keys, vals, p = torch.randn(n, 3, generator=g), torch.randint(0, 5, (n,), generator=g), torch.rand(n, V, generator=g)
+        assert torch.equal(plain.add(keys, vals, p=p), blocked.add(keys, vals, p=p))
+        view = blocked.extra("p")
+        assert view.shape == (len(plain), -(-V // 16), 16)
+        assert all(view[:, i].is_contiguous() for i in range(view.shape[1]))
+        flat = view.reshape(len(plain), -1)
+        assert torch.equal(flat[:, :V], plain.extra("p")) and not flat[:, V:].any()
+    slots = torch.tensor([0, 9, 4])
+    assert torch.equal(blocked.gather_extra("p", slots).reshape(3, -1)[:, :V], plain.gather_extra("p", slots))
+    copy_ = EpisodicMemory(10, 3, extras={"p": (*spec, memory_mod.COLUMN_BLOCKED)})
+    copy_.load_state_dict(blocked.state_dict())
+    assert torch.equal(copy_.extra("p"), blocked.extra("p"))
+    with pytest.raises(ValueError, match="layout"):
+        EpisodicMemory(10, 3, extras={"p": ((2, 3), torch.float32, memory_mod.COLUMN_BLOCKED)})
+
+
+def test_one_step_from_a_column_blocked_table(monkeypatch):
+    import lmadapt.memory as memory_mod
+
+    monkeypatch.setattr(memory_mod, "_SLAB_BYTES", 8 * 4 * 40)
+    lin, pool, pool_y, q, idx, sq, w = _problem(8, dtype=torch.float32, V=37, U=40)
+    W, b = lin.weight.detach(), lin.bias.detach()
+    probs = F.softmax(F.linear(pool, W, b), -1)
+    mem = EpisodicMemory(40, pool.shape[1], extras={"p": ((37,), torch.float32, memory_mod.COLUMN_BLOCKED)})
+    mem.add(pool, pool_y, p=probs)
+    assert mem.extra("p").shape == (40, 3, 16)
+    kw = dict(alpha=0.7, nb_index=idx)
+    flat = adapted_log_probs_lowrank(q, pool, pool_y, w, W, b, nb_probs=probs, **kw)
+    blocked = adapted_log_probs_lowrank(q, pool, pool_y, w, W, b, nb_probs=mem.extra("p"), **kw)
+    torch.testing.assert_close(blocked, flat, atol=1e-6, rtol=0)
