@@ -33,6 +33,15 @@ def write_markov_corpus(root: Path, seed: int = 0, words: int = 40, lines=(300, 
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny-tensor tests on one thread (more only adds contention)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_corpus_dir(tmp_path) -> Path:
     return write_markov_corpus(tmp_path / "corpus")

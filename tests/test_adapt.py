@@ -17,13 +17,8 @@ from lmadapt.memory import EpisodicMemory
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: extra threads only add contention on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: extra threads only add contention (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 1e-9  # on probabilities, float64 (the brief asks for 1e-5)
 
 

@@ -7,13 +7,8 @@ from lmadapt import memory as memory_mod
 from lmadapt.memory import EpisodicMemory
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: extra threads only add contention on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: extra threads only add contention (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _brute_knn(keys, positions, q, k, lo=None, hi=None):

@@ -24,12 +24,8 @@ from lmadapt.stream import make_memory, stream_eval
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: extra threads only add contention (fixture in conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem(seed, m=6, K=8, d=5, V=37, U=40, dtype=DT):
