@@ -23,7 +23,6 @@ separately (both paths need the same search).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import multiprocessing as mp

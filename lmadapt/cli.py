@@ -151,7 +151,7 @@ def cmd_eval(args) -> int:
     config = runs.read_json(Path(args.config)) if args.config else {}
     method, params, lambdas = _method_settings(args, config)
     parse_combination(method)  # fail on a bad name before loading anything
-    if args.segment < 1:
+    if args.segment is not None and args.segment < 1:
         raise LmadaptError(f"--segment must be >= 1, got {args.segment}")
     device = torch_device(args.device)
     model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="valid", choices=["valid", "test", "train"])
     p.add_argument("--method", help="lstm, cache, mbpa, dyneval or a '+' combination such as mbpa+cache")
     p.add_argument("--config", help="JSON with method, params and lambdas (e.g. from `lmadapt tune`)")
-    p.add_argument("--segment", type=int, default=128, help="positions per segment (speed only; dyneval uses its own)")
+    p.add_argument("--segment", type=int, default=None,
+                   help="positions per segment (speed only; default: the methods' preference, else 128)")
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--save-tokens", help="write per-token log-probabilities of every method here (.pt)")
     p.add_argument("--device", default="auto")
@@ -257,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-passes", type=int, default=200, help="refuse grids needing more streaming passes")
     p.add_argument("--data")
     p.add_argument("--data-dir")
-    p.add_argument("--segment", type=int, default=128)
+    p.add_argument("--segment", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
     _method_flags(p)

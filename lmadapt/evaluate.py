@@ -91,7 +91,7 @@ def _entry(result: StreamResult, log_probs) -> dict:
 
 
 def evaluate_run(model, corpus, split: str, method: str, params: dict[str, dict] | None = None,
-                 lambdas: dict[str, float] | None = None, *, device="cpu", segment_len: int = 128,
+                 lambdas: dict[str, float] | None = None, *, device="cpu", segment_len: int | None = None,
                  memory_index: str = "auto", baseline: StreamResult | None = None) -> tuple[dict, dict]:
     """Returns (report, tokens): the JSON report and the per-token record."""
     names = parse_combination(method)

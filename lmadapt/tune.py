@@ -74,7 +74,7 @@ def _settings(name: str, fixed: dict, grid_override: dict) -> list[dict]:
 
 def tune(model, corpus, method: str, *, split: str = "valid", params: dict | None = None,
          grid_overrides: dict | None = None, lambda_grid: list[float] | None = None, device="cpu",
-         segment_len: int = 128, max_passes: int = 200) -> dict:
+         segment_len: int | None = None, max_passes: int = 200) -> dict:
     names = parse_combination(method)
     if not names:
         raise LmadaptError("nothing to tune for the plain lstm")

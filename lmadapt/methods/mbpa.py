@@ -53,8 +53,9 @@ class MbPAParams:
 _STORE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Stream segment length the T = 1 path prefers: the (N + L) x V table is read from DRAM
 # once per segment and then served from cache, so longer segments amortise it.  Measured
-# end to end (bench/bench_speed.py --skip 5000, V=11,847, d=200, N=5000, K=256, 1 thread,
-# a loaded machine): 128: 1.0-1.1k tokens/s, 256-512: 1.4-1.9k, 1024: 1.2-1.3k.
+# end to end (bench/bench_speed.py RUN --skip 5000 --tokens 10000 --only mbpa --segment L,
+# V=11,847, d=200, N=5000, K=256, 1 thread, column-blocked store): L=128: 1.52k tokens/s,
+# 256: 1.62-1.75k, 512: 1.72-1.94k; before the column-blocked store 1024 was slower than 512.
 _SEGMENT = 512
 
 
