@@ -143,7 +143,7 @@ def _method_settings(args, config: dict) -> tuple[str, dict, dict]:
 def cmd_eval(args) -> int:
     import torch
 
-    from lmadapt.evaluate import evaluate_run, format_table, load_for_eval, save_tokens, torch_device
+    from lmadapt.evaluate import evaluate_run, format_table, load_for_eval, save_tokens
     from lmadapt.methods import parse_combination
 
     if args.threads:
@@ -153,7 +153,7 @@ def cmd_eval(args) -> int:
     parse_combination(method)  # fail on a bad name before loading anything
     if args.segment is not None and args.segment < 1:
         raise LmadaptError(f"--segment must be >= 1, got {args.segment}")
-    device = torch_device(args.device)
+    device = _device(args.device)
     model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
     # Build and validate the methods (λ, K vs N, ...) before the long pass.
     from lmadapt.evaluate import build_methods, mixture_lambdas
@@ -174,7 +174,7 @@ def cmd_eval(args) -> int:
 def cmd_tune(args) -> int:
     import torch
 
-    from lmadapt.evaluate import load_for_eval, torch_device
+    from lmadapt.evaluate import load_for_eval
     from lmadapt.methods import parse_combination
     from lmadapt.tune import parse_grid, tune
 
@@ -185,7 +185,7 @@ def cmd_tune(args) -> int:
     grids, lambda_grid = parse_grid(args.grid, names)
     if lambda_grid is not None and any(not 0 <= v <= 1 for v in lambda_grid):
         raise LmadaptError("--grid lambda values must be in [0, 1]")
-    device = torch_device(args.device)
+    device = _device(args.device)
     model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
     best = tune(model, corpus, method, split=args.split, params=params, grid_overrides=grids,
                 lambda_grid=lambda_grid, device=device, segment_len=args.segment, max_passes=args.max_passes)

@@ -156,11 +156,3 @@ def load_tokens(path) -> dict:
     if not isinstance(data, dict) or data.get("format") != TOKENS_FORMAT:
         raise LmadaptError(f"{path} is not an lmadapt tokens file (written by `lmadapt eval --save-tokens`)")
     return data
-
-
-def torch_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LmadaptError("--device cuda requested but no CUDA device is available")
-    return name
