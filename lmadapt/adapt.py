@@ -478,3 +478,142 @@ def naive_mbpa(
             with torch.no_grad():
                 out.append(F.log_softmax(local(queries[i : i + 1]), -1)[0])
     return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- MLP, exact
+@dataclass
+class _Layer:
+    weight: Tensor  # (out, in)
+    bias: Tensor  # (out,)
+    act: str  # "relu", "tanh" or "none" (applied after this layer)
+
+
+def mlp_layers(module: torch.nn.Module) -> list[_Layer]:
+    """Read an ``nn.Sequential`` of Linear layers with optional ReLU/Tanh between them."""
+    mods = list(module) if isinstance(module, torch.nn.Sequential) else [module]
+    layers: list[_Layer] = []
+    for m in mods:
+        if isinstance(m, torch.nn.Linear):
+            bias = m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device)
+            layers.append(_Layer(m.weight.detach(), bias.detach(), "none"))
+        elif isinstance(m, (torch.nn.ReLU, torch.nn.Tanh)) and layers and layers[-1].act == "none":
+            layers[-1].act = "relu" if isinstance(m, torch.nn.ReLU) else "tanh"
+        elif isinstance(m, (torch.nn.Identity, torch.nn.Dropout, torch.nn.Flatten)):
+            continue  # eval-time no-ops on flat inputs
+        else:
+            raise ValueError(f"mlp_mbpa handles Linear/ReLU/Tanh stacks, not {type(m).__name__}")
+    if not layers:
+        raise ValueError("mlp_mbpa needs at least one Linear layer")
+    return layers
+
+
+def _act(z: Tensor, kind: str) -> Tensor:
+    return z.relu() if kind == "relu" else z.tanh() if kind == "tanh" else z
+
+
+def _act_grad(z: Tensor, a: Tensor, kind: str) -> Tensor:
+    if kind == "relu":
+        return (z > 0).to(z.dtype)
+    if kind == "tanh":
+        return 1 - a * a
+    return torch.ones_like(z)
+
+
+def mlp_mbpa(
+    module: torch.nn.Module,
+    queries: Tensor,
+    nb_inputs: Tensor,
+    nb_values: Tensor,
+    nb_weights: Tensor,
+    *,
+    steps: int,
+    lr: float,
+    beta: float = 0.0,
+    nb_first_pre: Tensor | None = None,
+    chunk: int | None = None,
+) -> Tensor:
+    """Exact MbPA with plain gradient steps on a ReLU/Tanh MLP, never copying a weight matrix.
+
+    Same numbers as ``functional_mbpa(..., optimizer="sgd")`` / :func:`naive_mbpa`, much
+    cheaper.  Why it works: the gradient of the weighted neighbour NLL with respect to a
+    linear layer's weight is sum_k g_k a_k^T (g_k the gradient at the layer's output for
+    neighbour k, a_k its input), so after t steps each layer's change is a sum of outer
+    products, ``dW = sum_j c_j u_j^T`` (the prior beta||dW||^2 only rescales the old terms
+    by 1 - 2*lr*beta).  Applying the adapted layer to an input a is then
+    ``W a + b + db + sum_j c_j (u_j . a)``: a shared matmul with the trained W (one large
+    GEMM for all queries) plus K-sized products per query.  For the first layer the inputs
+    u_j are always the K neighbours themselves, so its span never grows and its shared part
+    can be precomputed once per memory entry (``nb_first_pre`` = W1 x_k + b1, (m, K, H1)).
+
+    ``queries`` (m, d), ``nb_inputs`` (m, K, d), ``nb_values``/``nb_weights`` (m, K);
+    returns (m, C) log-probabilities of the adapted network for each query.
+    """
+    layers = mlp_layers(module)
+    if steps < 0:
+        raise ValueError("steps must be >= 0")
+    m, K = nb_values.shape
+    if chunk is None:
+        widest = max(max(l.weight.shape) for l in layers)
+        chunk = max(1, _BUDGET // max(1, K * widest * (steps + 2) * 4))
+    out = []
+    with torch.no_grad():
+        for s in range(0, m, chunk):
+            e = min(m, s + chunk)
+            pre = nb_first_pre[s:e] if nb_first_pre is not None else None
+            out.append(_mlp_mbpa_chunk(layers, queries[s:e], nb_inputs[s:e], nb_values[s:e], nb_weights[s:e],
+                                       steps, lr, beta, pre))
+    return torch.cat(out) if out else queries.new_zeros(0, layers[-1].weight.shape[0])
+
+
+def _mlp_mbpa_chunk(layers, q, x, y, w, steps, lr, beta, first_pre):
+    keep = 1.0 - 2.0 * lr * beta  # (1 - 2 lr beta): the prior's pull toward the trained layer
+    L = len(layers)
+    # Layer 1 lives in the span of the neighbours' inputs: dW1 = C1^T X, C1 (m, K, H1).
+    gram = torch.bmm(x, x.transpose(1, 2))  # (m, K, K): x_j . x_k
+    qdot = torch.bmm(x, q[:, :, None]).squeeze(-1)  # (m, K): x_k . q
+    base1 = first_pre if first_pre is not None else x @ layers[0].weight.T + layers[0].bias
+    C1 = x.new_zeros(x.shape[0], x.shape[1], layers[0].weight.shape[0])
+    # Later layers: growing lists of (coefficients C (m, J, out), inputs U (m, J, in)).
+    spans: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(L)]
+    dbias = [x.new_zeros(x.shape[0], l.bias.shape[0]) for l in layers]
+
+    def later(l: int, a: Tensor) -> Tensor:  # adapted layer l >= 1 applied to a (m, n, in)
+        z = a @ layers[l].weight.T + layers[l].bias + dbias[l][:, None]
+        for C, U in spans[l]:
+            z = z + torch.bmm(torch.bmm(a, U.transpose(1, 2)), C)
+        return z
+
+    for _ in range(steps):
+        # forward the K neighbours through the adapted network, keeping activations
+        zs, acts = [], [x]
+        z = base1 + dbias[0][:, None] + torch.bmm(gram, C1)  # (m, K, H1)
+        for l in range(L):
+            if l > 0:
+                z = later(l, acts[-1])
+            a = _act(z, layers[l].act)
+            zs.append(z)
+            acts.append(a)
+        g = torch.softmax(zs[-1], -1)
+        g = g.scatter_add(-1, y[..., None], -torch.ones_like(y[..., None], dtype=g.dtype)) * w[..., None]
+        grads = [None] * L  # gradient at each layer's pre-activation
+        for l in range(L - 1, -1, -1):
+            if l < L - 1:
+                g = g * _act_grad(zs[l], acts[l + 1], layers[l].act)
+            grads[l] = g
+            if l > 0:  # backprop through the adapted layer l: W^T g + sum_j u_j (c_j . g)
+                g_prev = g @ layers[l].weight
+                for C, U in spans[l]:
+                    g_prev = g_prev + torch.bmm(torch.bmm(g, C.transpose(1, 2)), U)
+                g = g_prev
+        # the SGD step (with the prior), in span form
+        C1 = keep * C1 - lr * grads[0]
+        for l in range(L):
+            dbias[l] = keep * dbias[l] - lr * grads[l].sum(1)
+            if l > 0:
+                spans[l] = [(keep * C, U) for C, U in spans[l]] + [(-lr * grads[l], acts[l])]
+    # the query through the adapted network
+    a = q @ layers[0].weight.T + layers[0].bias + dbias[0] + torch.bmm(qdot[:, None], C1).squeeze(1)
+    a = _act(a, layers[0].act)[:, None]
+    for l in range(1, L):
+        a = _act(later(l, a), layers[l].act)
+    return torch.log_softmax(a.squeeze(1), -1)

@@ -271,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buckets", type=int, default=5)
     p.add_argument("--out", help="Markdown file; .json and .png are written beside it")
     p.set_defaults(func=cmd_report)
+
+    from lmadapt.classify.cli import add_parser as add_classify
+
+    add_classify(sub)
     return parser
 
 

@@ -1,0 +1,319 @@
+"""Incremental learning of new classes (MbPA paper section 4.2, Table 1, Figs. 4-5), on MNIST.
+
+A network (MLP trunk = embedding f, last linear layer = output network g) is pre-trained on
+a random half of the classes, then trained on all classes.  At fractions of an epoch of
+that second phase four predictors are scored on the test set, separately on the novel and
+the pre-trained classes:
+
+* parametric (g(f(x))), nonparametric (kernel vote of the K nearest memories, eq. 9),
+  mixture (eq. 5), and MbPA (T local RMSprop/SGD steps on g over the K nearest memories).
+
+The memory stores (f(x), y) for every training example as it is seen (both phases; keys
+are not refreshed as f changes, as in the paper's MbPA-Train), in a ring buffer of
+``memory_size`` entries.
+
+Splits: ``splits`` random class splits; hyper-parameters are tuned on the first split
+against validation images (MNIST train[50000:]), and the remaining splits are reported on
+the test set (as the paper does).  ``unbalanced``: half of the novel classes keep only a
+tenth of their training images in the second phase (section 4.2.1).
+
+Area under the curve at epoch e: the trapezoid area under accuracy vs epochs over [0, e]
+divided by e (the mean accuracy over that stretch of training).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmadapt.classify.core import PREDICTORS, MbPAConfig, predict
+from lmadapt.classify.mnist import MNIST
+from lmadapt.errors import LmadaptError
+from lmadapt.memory import EpisodicMemory
+
+VALID_START = 50000
+REPORT_EPOCHS = (0.1, 1.0, 3.0)
+
+
+@dataclass
+class IncrementalConfig:
+    splits: int = 5
+    unbalanced: bool = False
+    pretrain_epochs: int = 2
+    epochs: float = 3.0
+    eval_epochs: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0)
+    hidden: tuple[int, ...] = (256, 256)
+    optimizer: str = "sgd"  # the parametric learner: "sgd" (momentum 0.9) or "adam"
+    lr: float = 0.01
+    batch_size: int = 64
+    memory_size: int = 50000
+    test_examples: int = 10000
+    valid_examples: int = 5000
+    seed: int = 0
+    tune: bool = True
+    alpha_grid: tuple[float, ...] = (0.01, 0.1, 0.5, 1.0)
+    steps_grid: tuple[int, ...] = (1, 5, 10)
+    lambda_grid: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    mbpa: MbPAConfig = None  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.mbpa is None:
+            self.mbpa = MbPAConfig(k=50, alpha=0.1, steps=5, optimizer="rmsprop")
+        if self.splits < 1:
+            raise LmadaptError("--splits must be at least 1")
+        if self.memory_size < 1:
+            raise LmadaptError("--memory-size must be at least 1")
+        if self.epochs <= 0:
+            raise LmadaptError("--epochs must be positive")
+
+
+class Net(nn.Module):
+    """MLP trunk (the embedding f: penultimate-layer activations) and a linear head g."""
+
+    def __init__(self, hidden: tuple[int, ...], classes: int = 10):
+        super().__init__()
+        dims = [784, *hidden]
+        mods: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            mods += [nn.Linear(a, b), nn.ReLU()]
+        self.trunk = nn.Sequential(*mods)
+        self.head = nn.Sequential(nn.Linear(dims[-1], classes))
+
+    def forward(self, x):
+        return self.head(self.trunk(x))
+
+
+def _optimizer(cfg: IncrementalConfig, params):
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    raise LmadaptError(f"optimizer must be sgd or adam, not {cfg.optimizer!r}")
+
+
+def _auc(epochs: list[float], accs: list[float], upto: float) -> float:
+    """Mean accuracy over [0, upto] by the trapezoid rule on the measured points."""
+    xs, ys = [], []
+    for e, a in zip(epochs, accs):
+        if e <= upto + 1e-9:
+            xs.append(e)
+            ys.append(a)
+    if len(xs) < 2 or xs[-1] <= 0:
+        return ys[-1] if ys else float("nan")
+    area = sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1))
+    return area / (xs[-1] - xs[0])
+
+
+def run_split(data: MNIST, cfg: IncrementalConfig, split: int, configs: dict[str, list[MbPAConfig]],
+              evaluate_on: str, log=print) -> dict:
+    """Pre-train, then train on all classes; score every (predictor, setting) at each checkpoint.
+
+    ``configs`` maps each predictor to the settings to score (several when tuning).
+    Returns {"novel": [...], "epochs": [...], "acc": {predictor: [[novel, pretrained] per
+    checkpoint] per setting}}.
+    """
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + split)
+    classes = torch.randperm(10, generator=g)
+    pre_classes, novel = classes[:5].sort().values, classes[5:].sort().values
+    n_pool = min(VALID_START, data.train_x.shape[0] * 5 // 6)
+    x_pool, y_pool = data.train_x[:n_pool], data.train_y[:n_pool]
+    keep = torch.ones(n_pool, dtype=torch.bool)
+    # unbalanced: half of the novel classes (2 of 5, rounded down) keep a tenth of their images
+    scarce = novel[torch.randperm(novel.numel(), generator=g)[: novel.numel() // 2]] if cfg.unbalanced else novel[:0]
+    if cfg.unbalanced:
+        for c in scarce:  # a tenth of each scarce class's images stay
+            idx = (y_pool == c).nonzero().squeeze(1)
+            drop = idx[torch.randperm(idx.numel(), generator=g)[idx.numel() // 10:]]
+            keep[drop] = False
+    if evaluate_on == "valid":
+        x_eval, y_eval = data.train_x[n_pool : n_pool + cfg.valid_examples], data.train_y[n_pool : n_pool + cfg.valid_examples]
+    else:
+        x_eval, y_eval = data.test_x[: cfg.test_examples], data.test_y[: cfg.test_examples]
+    is_novel = torch.isin(y_eval, novel)
+
+    torch.manual_seed(cfg.seed * 1000 + split)
+    net = Net(tuple(cfg.hidden))
+    opt = _optimizer(cfg, net.parameters())
+    memory = EpisodicMemory(cfg.memory_size, cfg.hidden[-1], index="exact")
+
+    def step(xb, yb):
+        net.train()
+        loss = F.cross_entropy(net(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        net.eval()
+        with torch.no_grad():  # MbPA-Train: write (f(x), y) as seen
+            memory.add(net.trunk(xb), yb)
+
+    pre_idx = torch.isin(y_pool, pre_classes).nonzero().squeeze(1)
+    for _ in range(cfg.pretrain_epochs):
+        order = pre_idx[torch.randperm(pre_idx.numel(), generator=g)]
+        for s in range(0, order.numel(), cfg.batch_size):
+            b = order[s : s + cfg.batch_size]
+            step(x_pool[b], y_pool[b])
+
+    all_idx = keep.nonzero().squeeze(1)
+    per_epoch = -(-all_idx.numel() // cfg.batch_size)
+    checkpoints = sorted({0.0, *[e for e in cfg.eval_epochs if e <= cfg.epochs], cfg.epochs})
+    check_steps = {round(e * per_epoch): e for e in checkpoints}
+    results = {name: [[] for _ in settings] for name, settings in configs.items()}
+    seconds = {name: 0.0 for name in configs}
+
+    def score(epoch):
+        net.eval()
+        for name, settings in configs.items():
+            for i, c in enumerate(settings):
+                t0 = time.time()
+                pred = predict((name,), net.trunk, net.head, memory, x_eval, c)[name]
+                seconds[name] += time.time() - t0
+                ok = (pred == y_eval).float()
+                results[name][i].append([float(ok[is_novel].mean()), float(ok[~is_novel].mean())])
+        if "mbpa" in configs and len(configs["mbpa"]) == 1:
+            r = {n: results[n][0][-1] for n in configs}
+            log(f"split {split} epoch {epoch:g}: " + ", ".join(f"{n} novel {a[0]:.3f} pre {a[1]:.3f}" for n, a in r.items()))
+
+    total_steps = round(cfg.epochs * per_epoch)
+    done = 0
+    if 0 in check_steps:
+        score(0.0)
+    while done < total_steps:
+        order = all_idx[torch.randperm(all_idx.numel(), generator=g)]
+        for s in range(0, order.numel(), cfg.batch_size):
+            b = order[s : s + cfg.batch_size]
+            step(x_pool[b], y_pool[b])
+            done += 1
+            if done in check_steps:
+                score(check_steps[done])
+            if done >= total_steps:
+                break
+    return {"novel_classes": novel.tolist(), "scarce_classes": [int(c) for c in scarce], "epochs": checkpoints,
+            "acc": results, "eval_seconds": seconds}
+
+
+def _settings_grid(cfg: IncrementalConfig) -> dict[str, list[MbPAConfig]]:
+    base = cfg.mbpa
+    return {
+        "parametric": [base],
+        "nonparametric": [base],
+        "mixture": [replace(base, mixture_lambda=lam) for lam in cfg.lambda_grid],
+        "mbpa": [replace(base, alpha=a, steps=t) for a, t in itertools.product(cfg.alpha_grid, cfg.steps_grid)],
+    }
+
+
+def run_incremental(data: MNIST, cfg: IncrementalConfig, log=print) -> dict:
+    chosen = {name: cfg.mbpa for name in PREDICTORS}
+    tuning = {}
+    t0 = time.time()
+    if cfg.tune:
+        grid = _settings_grid(cfg)
+        r = run_split(data, cfg, 0, grid, "valid", log=log)
+        for name, settings in grid.items():
+            # mean validation accuracy (all classes) over the checkpoints up to 3 epochs
+            def mean_acc(curve):
+                return sum((a[0] + a[1]) / 2 for a in curve) / len(curve)
+
+            scores = [mean_acc(curve) for curve in r["acc"][name]]
+            best = max(range(len(settings)), key=scores.__getitem__)
+            chosen[name] = settings[best]
+            tuning[name] = {"best": asdict(settings[best]), "valid_mean_accuracy": scores[best],
+                            "grid_size": len(settings)}
+            log(f"tune {name}: valid mean accuracy {scores[best]:.4f} with "
+                f"{_describe(name, settings[best])}")
+    tune_seconds = time.time() - t0
+    report_splits = list(range(1, cfg.splits)) if cfg.tune and cfg.splits > 1 else list(range(cfg.splits))
+    per_split = []
+    for split in report_splits:
+        r = run_split(data, cfg, split, {n: [c] for n, c in chosen.items()}, "test", log=log)
+        per_split.append(r)
+    epochs = per_split[0]["epochs"]
+    methods = {}
+    for name in PREDICTORS:
+        curves = [[acc for acc in r["acc"][name][0]] for r in per_split]  # split -> checkpoint -> [novel, pre]
+        mean = [[sum(c[i][j] for c in curves) / len(curves) for j in range(2)] for i in range(len(epochs))]
+        entry = {"novel_accuracy": [m[0] for m in mean], "pretrained_accuracy": [m[1] for m in mean],
+                 "settings": _describe(name, chosen[name]),
+                 "eval_seconds": round(sum(r["eval_seconds"][name] for r in per_split), 1)}
+        for subset, key in (("novel", 0), ("pretrained", 1)):
+            ys = [m[key] for m in mean]
+            entry[f"{subset}_top1_at"] = {str(e): _at(epochs, ys, e) for e in REPORT_EPOCHS if e <= epochs[-1] + 1e-9}
+            entry[f"{subset}_auc_at"] = {str(e): _auc(epochs, ys, e) for e in REPORT_EPOCHS if e <= epochs[-1] + 1e-9}
+        methods[name] = entry
+    return {"config": _jsonable(asdict(cfg)), "epochs": epochs, "reported_splits": report_splits,
+            "splits": [{k: r[k] for k in ("novel_classes", "scarce_classes")} for r in per_split],
+            "methods": methods, "tuning": tuning, "tune_seconds": round(tune_seconds, 1),
+            "seconds": round(time.time() - t0, 1)}
+
+
+def _at(epochs, ys, e):
+    best = min(range(len(epochs)), key=lambda i: abs(epochs[i] - e))
+    return ys[best]
+
+
+def _describe(name: str, c: MbPAConfig) -> dict:
+    if name == "parametric":
+        return {}
+    if name == "nonparametric":
+        return {"k": c.k, "eps": c.eps}
+    if name == "mixture":
+        return {"k": c.k, "eps": c.eps, "lambda": c.mixture_lambda}
+    return {"k": c.k, "eps": c.eps, "alpha": c.alpha, "steps": c.steps, "optimizer": c.optimizer, "beta": c.beta,
+            "normalise": c.normalise}
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def to_markdown(results: dict) -> str:
+    """Table 1's shape: top-1 and AUC at 0.1 / 1 / 3 epochs, novel and pre-trained classes."""
+    cols = [str(e) for e in REPORT_EPOCHS if str(e) in results["methods"]["mbpa"]["novel_top1_at"]]
+    names = {"mbpa": "MbPA", "nonparametric": "Non-parametric", "mixture": "Mixture", "parametric": "Parametric"}
+    head = "| Subset | Model | " + " | ".join(f"Top-1 @{c}" for c in cols) + " | " + " | ".join(f"AUC @{c}" for c in cols) + " |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(cols))]
+    for subset, label in (("novel", "Novel"), ("pretrained", "Pre-trained")):
+        for key in ("mbpa", "nonparametric", "mixture", "parametric"):
+            m = results["methods"][key]
+            top = " | ".join(f"{100 * m[f'{subset}_top1_at'][c]:.1f} %" for c in cols)
+            auc = " | ".join(f"{100 * m[f'{subset}_auc_at'][c]:.1f} %" for c in cols)
+            lines.append(f"| {label} | {names[key]} | {top} | {auc} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path) -> None:
+    """Accuracy vs epochs: novel classes dashed, pre-trained solid (Fig. 4 right / Fig. 5 left)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmadapt import runs
+
+    colours = {"mbpa": "tab:blue", "parametric": "tab:green", "mixture": "tab:red", "nonparametric": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ep = results["epochs"]
+    for name, m in results["methods"].items():
+        ax.plot(ep, m["pretrained_accuracy"], color=colours[name], label=f"{name} (pre-trained)")
+        ax.plot(ep, m["novel_accuracy"], color=colours[name], linestyle="--", label=f"{name} (novel)")
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("epochs of training on all classes")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("incremental MNIST" + (" (unbalanced)" if results["config"]["unbalanced"] else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    runs.write_bytes(path, buf.getvalue())
