@@ -519,6 +519,33 @@ def _act_grad(z: Tensor, a: Tensor, kind: str) -> Tensor:
     return torch.ones_like(z)
 
 
+def mlp_base_pass(module: torch.nn.Module, inputs: Tensor, values: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-example quantities of the first MbPA step, at the trained weights.
+
+    Returns (inputs of every layer, gradient of NLL(value) at every layer's pre-activation),
+    unweighted.  At step 1 every neighbour's gradient is its kernel weight times these, the
+    same for whichever query retrieves it, so a memory computes them once per entry and
+    :func:`mlp_mbpa` gathers them (``nb_base``) instead of re-running the network per query.
+    """
+    layers = mlp_layers(module)
+    with torch.no_grad():
+        acts, zs, a = [], [], inputs
+        for layer in layers:
+            acts.append(a)
+            z = a @ layer.weight.T + layer.bias
+            a = _act(z, layer.act)
+            zs.append(z)
+        g = torch.softmax(zs[-1], -1)
+        g[torch.arange(g.shape[0]), values] -= 1.0
+        deltas = [None] * len(layers)
+        for l in range(len(layers) - 1, -1, -1):
+            if l < len(layers) - 1:
+                g = g * _act_grad(zs[l], acts[l + 1], layers[l].act)
+            deltas[l] = g
+            g = g @ layers[l].weight
+    return acts, deltas
+
+
 def mlp_mbpa(
     module: torch.nn.Module,
     queries: Tensor,
@@ -529,23 +556,27 @@ def mlp_mbpa(
     steps: int,
     lr: float,
     beta: float = 0.0,
-    nb_first_pre: Tensor | None = None,
+    nb_base: tuple[list[Tensor], list[Tensor]] | None = None,
     chunk: int | None = None,
 ) -> Tensor:
-    """Exact MbPA with plain gradient steps on a ReLU/Tanh MLP, never copying a weight matrix.
+    """Exact MbPA with plain gradient steps on a ReLU/Tanh MLP, never copying the first layer.
 
     Same numbers as ``functional_mbpa(..., optimizer="sgd")`` / :func:`naive_mbpa`, much
     cheaper.  Why it works: the gradient of the weighted neighbour NLL with respect to a
     linear layer's weight is sum_k g_k a_k^T (g_k the gradient at the layer's output for
-    neighbour k, a_k its input), so after t steps each layer's change is a sum of outer
-    products, ``dW = sum_j c_j u_j^T`` (the prior beta||dW||^2 only rescales the old terms
-    by 1 - 2*lr*beta).  Applying the adapted layer to an input a is then
-    ``W a + b + db + sum_j c_j (u_j . a)``: a shared matmul with the trained W (one large
-    GEMM for all queries) plus K-sized products per query.  For the first layer the inputs
-    u_j are always the K neighbours themselves, so its span never grows and its shared part
-    can be precomputed once per memory entry (``nb_first_pre`` = W1 x_k + b1, (m, K, H1)).
+    neighbour k, a_k its input), so a step changes each layer by K outer products, and the
+    prior beta||dW||^2 only rescales earlier changes by (1 - 2 lr beta).  Hence:
 
-    ``queries`` (m, d), ``nb_inputs`` (m, K, d), ``nb_values``/``nb_weights`` (m, K);
+    * the first layer's inputs are always the K neighbours x_k, so its change stays
+      ``dW1 = sum_k c_k x_k^T`` for all T: applying it costs K dot products (a K x K Gram
+      matrix for the neighbours, K products x_k . q for the query), never a (H1 x d) copy;
+    * step 1 happens at the trained weights, where every neighbour's gradient is its kernel
+      weight times a per-entry quantity (``nb_base``, from :func:`mlp_base_pass`), so T = 1
+      costs O(K (d + sum of layer widths)) per query;
+    * later layers (small) become per-query dense deltas from step 2 on.
+
+    ``queries`` (m, d), ``nb_inputs`` (m, K, d), ``nb_values``/``nb_weights`` (m, K),
+    ``nb_base`` the gathered (m, K, ...) output of :func:`mlp_base_pass` (optional);
     returns (m, C) log-probabilities of the adapted network for each query.
     """
     layers = mlp_layers(module)
@@ -553,67 +584,98 @@ def mlp_mbpa(
         raise ValueError("steps must be >= 0")
     m, K = nb_values.shape
     if chunk is None:
+        dense = sum(l.weight.numel() for l in layers[1:]) if steps > 1 else 0
         widest = max(max(l.weight.shape) for l in layers)
-        chunk = max(1, _BUDGET // max(1, K * widest * (steps + 2) * 4))
+        chunk = max(1, _BUDGET // max(1, 3 * dense + K * (K + 4 * widest)))
     out = []
     with torch.no_grad():
         for s in range(0, m, chunk):
             e = min(m, s + chunk)
-            pre = nb_first_pre[s:e] if nb_first_pre is not None else None
+            base = None
+            if nb_base is not None:
+                base = ([t[s:e] for t in nb_base[0]], [t[s:e] for t in nb_base[1]])
             out.append(_mlp_mbpa_chunk(layers, queries[s:e], nb_inputs[s:e], nb_values[s:e], nb_weights[s:e],
-                                       steps, lr, beta, pre))
+                                       steps, lr, beta, base))
     return torch.cat(out) if out else queries.new_zeros(0, layers[-1].weight.shape[0])
 
 
-def _mlp_mbpa_chunk(layers, q, x, y, w, steps, lr, beta, first_pre):
-    keep = 1.0 - 2.0 * lr * beta  # (1 - 2 lr beta): the prior's pull toward the trained layer
+def _mlp_mbpa_chunk(layers, q, x, y, w, steps, lr, beta, base):
+    keep = 1.0 - 2.0 * lr * beta  # the prior's pull toward the trained layer, per step
     L = len(layers)
-    # Layer 1 lives in the span of the neighbours' inputs: dW1 = C1^T X, C1 (m, K, H1).
-    gram = torch.bmm(x, x.transpose(1, 2))  # (m, K, K): x_j . x_k
-    qdot = torch.bmm(x, q[:, :, None]).squeeze(-1)  # (m, K): x_k . q
-    base1 = first_pre if first_pre is not None else x @ layers[0].weight.T + layers[0].bias
-    C1 = x.new_zeros(x.shape[0], x.shape[1], layers[0].weight.shape[0])
-    # Later layers: growing lists of (coefficients C (m, J, out), inputs U (m, J, in)).
-    spans: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(L)]
-    dbias = [x.new_zeros(x.shape[0], l.bias.shape[0]) for l in layers]
+    m = x.shape[0]
+    C1 = None  # first layer: dW1 = sum_k C1[:, k] x_k^T, C1 (m, K, H1)
+    span: list = [None] * L  # later layers after step 1: (C (m, K, out), U (m, K, in)), dW = C^T U
+    dense: list = [None] * L  # later layers from step 2: dW (m, out, in)
+    dbias = [None] * L
+    gram = None
 
-    def later(l: int, a: Tensor) -> Tensor:  # adapted layer l >= 1 applied to a (m, n, in)
-        z = a @ layers[l].weight.T + layers[l].bias + dbias[l][:, None]
-        for C, U in spans[l]:
-            z = z + torch.bmm(torch.bmm(a, U.transpose(1, 2)), C)
-        return z
+    def delta(l: int, a: Tensor) -> Tensor | None:  # dW_l a for a (m, n, in), l >= 1
+        if dense[l] is not None:
+            return torch.bmm(a, dense[l].transpose(1, 2))
+        if span[l] is not None:
+            C, U = span[l]
+            return torch.bmm(torch.bmm(a, U.transpose(1, 2)), C)
+        return None
 
-    for _ in range(steps):
-        # forward the K neighbours through the adapted network, keeping activations
-        zs, acts = [], [x]
-        z = base1 + dbias[0][:, None] + torch.bmm(gram, C1)  # (m, K, H1)
+    for t in range(steps):
+        if t == 0 and base is not None:
+            acts, deltas = base
+            grads = [d * w[..., None] for d in deltas]
+        else:
+            if t == 1:
+                gram = torch.bmm(x, x.transpose(1, 2))  # (m, K, K): x_j . x_k
+                for l in range(1, L):  # from here on the later layers are cheaper dense
+                    C, U = span[l]
+                    dense[l] = torch.bmm(C.transpose(1, 2), U)
+                    span[l] = None
+            acts, zs, a = [], [], x
+            for l, layer in enumerate(layers):
+                acts.append(a)
+                z = a @ layer.weight.T + layer.bias
+                if dbias[l] is not None:
+                    z = z + dbias[l][:, None]
+                if l == 0 and C1 is not None:
+                    z = z + torch.bmm(gram, C1)
+                elif l > 0:
+                    d = delta(l, a)
+                    if d is not None:
+                        z = z + d
+                a = _act(z, layer.act)
+                zs.append(z)
+            g = torch.softmax(zs[-1], -1)
+            g = g.scatter_add(-1, y[..., None], -torch.ones_like(g[..., :1])) * w[..., None]
+            grads = [None] * L
+            for l in range(L - 1, -1, -1):
+                if l < L - 1:
+                    g = g * _act_grad(zs[l], acts[l + 1], layers[l].act)
+                grads[l] = g
+                if l > 0:  # through the adapted layer: (W + dW)^T g
+                    g_prev = g @ layers[l].weight
+                    if dense[l] is not None:
+                        g_prev = g_prev + torch.bmm(g, dense[l])
+                    g = g_prev
+        # the step (with the prior), in the forms above
+        C1 = -lr * grads[0] if C1 is None else keep * C1 - lr * grads[0]
         for l in range(L):
-            if l > 0:
-                z = later(l, acts[-1])
-            a = _act(z, layers[l].act)
-            zs.append(z)
-            acts.append(a)
-        g = torch.softmax(zs[-1], -1)
-        g = g.scatter_add(-1, y[..., None], -torch.ones_like(y[..., None], dtype=g.dtype)) * w[..., None]
-        grads = [None] * L  # gradient at each layer's pre-activation
-        for l in range(L - 1, -1, -1):
-            if l < L - 1:
-                g = g * _act_grad(zs[l], acts[l + 1], layers[l].act)
-            grads[l] = g
-            if l > 0:  # backprop through the adapted layer l: W^T g + sum_j u_j (c_j . g)
-                g_prev = g @ layers[l].weight
-                for C, U in spans[l]:
-                    g_prev = g_prev + torch.bmm(torch.bmm(g, C.transpose(1, 2)), U)
-                g = g_prev
-        # the SGD step (with the prior), in span form
-        C1 = keep * C1 - lr * grads[0]
-        for l in range(L):
-            dbias[l] = keep * dbias[l] - lr * grads[l].sum(1)
-            if l > 0:
-                spans[l] = [(keep * C, U) for C, U in spans[l]] + [(-lr * grads[l], acts[l])]
+            step_b = -lr * grads[l].sum(1)
+            dbias[l] = step_b if dbias[l] is None else keep * dbias[l] + step_b
+            if l == 0:
+                continue
+            if t == 0:
+                span[l] = (-lr * grads[l], acts[l])
+            else:
+                dense[l] = keep * dense[l] - lr * torch.bmm(grads[l].transpose(1, 2), acts[l])
     # the query through the adapted network
-    a = q @ layers[0].weight.T + layers[0].bias + dbias[0] + torch.bmm(qdot[:, None], C1).squeeze(1)
-    a = _act(a, layers[0].act)[:, None]
-    for l in range(1, L):
-        a = _act(later(l, a), layers[l].act)
+    a = q[:, None]
+    for l, layer in enumerate(layers):
+        z = a @ layer.weight.T + layer.bias
+        if dbias[l] is not None:
+            z = z + dbias[l][:, None]
+        if l == 0 and C1 is not None:
+            z = z + torch.bmm(torch.bmm(x, q[:, :, None]).transpose(1, 2), C1)
+        elif l > 0:
+            d = delta(l, a)
+            if d is not None:
+                z = z + d
+        a = _act(z, layer.act)
     return torch.log_softmax(a.squeeze(1), -1)

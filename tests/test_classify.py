@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmadapt.adapt import functional_mbpa, kernel_weights, mlp_mbpa, naive_mbpa
+from lmadapt.adapt import functional_mbpa, kernel_weights, mlp_base_pass, mlp_mbpa, naive_mbpa
 from lmadapt.classify.core import EWC, MbPAConfig, MLPConfig, build_mlp, predict
 from lmadapt.classify.mnist import load_mnist, make_fake_mnist, read_idx, write_idx
 from lmadapt.cli import main
@@ -58,7 +58,7 @@ def test_load_mnist_shapes_and_missing_file(fake_mnist, tmp_path):
 
 
 # ------------------------------------------------------------------ MbPA on an MLP, exactly
-@pytest.mark.parametrize("steps, beta", [(1, 0.0), (2, 0.0), (5, 0.0), (5, 0.3)])
+@pytest.mark.parametrize("steps, beta", [(1, 0.0), (2, 0.0), (5, 0.0), (5, 0.3), (2, 0.7)])
 def test_mlp_mbpa_matches_deep_copy_reference(steps, beta):
     g = torch.Generator().manual_seed(steps)
     with torch.random.fork_rng():
@@ -72,8 +72,10 @@ def test_mlp_mbpa_matches_deep_copy_reference(steps, beta):
     w = torch.rand(m, K, generator=g, dtype=torch.float64)
     ref = naive_mbpa(net, q, x, y, w, steps=steps, lr=0.5, beta=beta)
     fast = mlp_mbpa(net, q, x, y, w, steps=steps, lr=0.5, beta=beta)
-    pre = x @ net[0].weight.detach().T + net[0].bias.detach()
-    chunked = mlp_mbpa(net, q, x, y, w, steps=steps, lr=0.5, beta=beta, nb_first_pre=pre, chunk=4)
+    # the per-entry step-1 cache (what a memory precomputes), gathered per query, in chunks
+    acts, deltas = mlp_base_pass(net, x.reshape(m * K, 12), y.reshape(-1))
+    base = ([a.reshape(m, K, -1) for a in acts], [d.reshape(m, K, -1) for d in deltas])
+    chunked = mlp_mbpa(net, q, x, y, w, steps=steps, lr=0.5, beta=beta, nb_base=base, chunk=4)
     assert torch.allclose(fast, ref, atol=1e-10) and torch.allclose(chunked, ref, atol=1e-10)
     plain = F.log_softmax(net(q), -1).detach()
     assert (fast - plain).abs().max() > 1e-3  # the steps really changed the prediction

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from lmadapt.adapt import functional_mbpa, kernel_weights, mlp_mbpa
+from lmadapt.adapt import functional_mbpa, kernel_weights, mlp_base_pass, mlp_mbpa
 from lmadapt.memory import EpisodicMemory
 
 PREDICTORS = ("parametric", "nonparametric", "mixture", "mbpa")
@@ -83,11 +83,12 @@ def predict(
     need_memory = [m for m in methods if m != "parametric"]
     if need_memory and (memory is None or len(memory) == 0):
         raise ValueError(f"{need_memory} need a non-empty memory")
-    first_pre = None
-    if "mbpa" in methods and cfg.optimizer == "sgd" and isinstance(head, nn.Sequential) and isinstance(head[0], nn.Linear):
-        # W1 h + b1 of every memory entry, once per call: the span path then never multiplies
-        # a neighbour by the (possibly 784-wide) first layer again.
-        first_pre = memory.keys @ head[0].weight.T + head[0].bias
+    base = None
+    if "mbpa" in methods and cfg.optimizer == "sgd" and cfg.steps > 0:
+        # Step 1 of MbPA is taken at the trained weights: each memory entry's per-layer inputs
+        # and NLL gradients are the same for every query that retrieves it, so compute them
+        # once per call here and let mlp_mbpa gather them.
+        base = mlp_base_pass(head, memory.keys, memory.values)
     out: dict[str, list[Tensor]] = {m: [] for m in methods}
     for s in range(0, x.shape[0], batch):
         q = embed(x[s : s + batch])
@@ -108,8 +109,8 @@ def predict(
             w = kernel_weights(sq, valid, cfg.eps, cfg.normalise)
             nb_x, nb_y = memory.keys[idx], memory.values[idx]
             if cfg.optimizer == "sgd":
-                pre = first_pre[idx] if first_pre is not None else None
-                logp = mlp_mbpa(head, q, nb_x, nb_y, w, steps=cfg.steps, lr=cfg.alpha, beta=cfg.beta, nb_first_pre=pre)
+                nb_base = None if base is None else ([t[idx] for t in base[0]], [t[idx] for t in base[1]])
+                logp = mlp_mbpa(head, q, nb_x, nb_y, w, steps=cfg.steps, lr=cfg.alpha, beta=cfg.beta, nb_base=nb_base)
             else:
                 logp = functional_mbpa(head, q, nb_x, nb_y, w, steps=cfg.steps, lr=cfg.alpha, beta=cfg.beta,
                                        optimizer=cfg.optimizer)
