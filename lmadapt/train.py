@@ -23,6 +23,7 @@ from tqdm import tqdm
 from lmadapt import runs
 from lmadapt.config import RunConfig
 from lmadapt.errors import LmadaptError
+from lmadapt.hebbian import HebbianSoftmax
 from lmadapt.model import LSTMLM, count_parameters, detach_state
 
 
@@ -181,6 +182,9 @@ class Dist:
         dist.all_reduce(t)
         return bool(t.item() > 0)
 
+    def all_reduce(self, t: torch.Tensor) -> None:
+        dist.all_reduce(t)
+
     def gather(self, obj):
         if not self.enabled:
             return [obj]
@@ -263,6 +267,12 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
                 stopped_because=None)
     state = model.init_state(local, device)
     optimizer = _make_optimizer(cfg, model.parameters(), asgd=False)
+    hebbian = None
+    if cfg.model.softmax == "hebbian":
+        try:
+            hebbian = HebbianSoftmax(cfg.model.vocab_size, t.hebbian_gamma, t.hebbian_T, device)
+        except ValueError as exc:
+            raise LmadaptError(f"train.{exc}") from None
 
     if resume:
         ckpt = runs.load_tensors(run_dir / runs.LAST, map_location=device)
@@ -277,6 +287,8 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
                       c[:, ddp.rank * local:(ddp.rank + 1) * local].to(device)) for h, c in full_state]
             rng = ckpt["rng"]
             _set_rng_state(rng[ddp.rank] if ddp.rank < len(rng) else rng[0], device)
+            if hebbian is not None:
+                hebbian.load_state_dict(ckpt["hebbian"])
         except (KeyError, RuntimeError, ValueError, IndexError) as exc:
             raise LmadaptError(f"checkpoint {run_dir / runs.LAST} does not match this run: "
                                f"{str(exc).splitlines()[0][:200]}") from None
@@ -302,7 +314,8 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
                     for i in range(len(state))]
             runs.save_tensors(run_dir / runs.LAST, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "progress": dict(prog), "state": full, "rng": rngs})
+                "progress": dict(prog), "state": full, "rng": rngs,
+                **({"hebbian": hebbian.state_dict()} if hebbian is not None else {})})
 
     def validate() -> bool:
         """Validation, best-weights keeping, schedule, NT-ASGD switch. Returns True to stop."""
@@ -368,6 +381,8 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
             if t.clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
             optimizer.step()
+            if hebbian is not None:  # after the gradient step, as the method prescribes
+                hebbian.update(model.decoder.weight, hidden, y, all_reduce=ddp.all_reduce if ddp.enabled else None)
 
             prog["step_in_epoch"] += 1
             prog["global_step"] += 1
