@@ -70,3 +70,22 @@ def test_hebbian_training_moves_rows_and_resume_is_exact(tmp_path, tiny_corpus_d
     fit(tmp_path / "plain", plain, corpus)
     w_plain = runs.load_tensors(tmp_path / "plain" / runs.LAST)["model"]["decoder.weight"]
     assert not torch.allclose(full["model"]["decoder.weight"], w_plain, atol=1e-3)  # the option does something
+
+
+def test_mnist_curriculum_cli(tmp_path):
+    import json
+
+    from lmadapt.classify.mnist import make_fake_mnist
+    from lmadapt.cli import main
+
+    data = make_fake_mnist(tmp_path / "m", n_train=600, n_test=100)
+    out = tmp_path / "cur"
+    rc = main(["classify", "curriculum", "--data-dir", str(data), "--out", str(out), "--classes-per-stage", "5",
+               "--steps-per-stage", "20", "--seeds", "1", "--hidden", "16", "--exposures", "1,5,20", "--no-tune",
+               "--hebbian-gamma", "0.1", "--hebbian-T", "50"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["arms"]) == {"plain", "hebbian"} and res["hebbian"] == {"gamma": 0.1, "T": 50}
+    assert list(res["arms"]["plain"]["new_class_accuracy"]) == ["1", "5", "20"]
+    assert len(res["arms"]["hebbian"]["accuracy_after_stage"]) == 2
+    assert "| hebbian |" in (out / "table.md").read_text()

@@ -76,7 +76,8 @@ def cmd_permuted(args) -> int:
     cfg = ContinualConfig(
         tasks=args.tasks, examples_per_task=args.examples_per_task, epochs_per_task=args.epochs_per_task,
         hidden=_ints(args.hidden, "--hidden"), memory_per_task=mems, seed=args.seed, tune=not args.no_tune,
-        test_per_task=args.test_per_task, ewc_lambda=args.ewc_lambda, mbpa=_mbpa_cfg(args, 32, "sgd"),
+        test_per_task=args.test_per_task, curve_test_per_task=args.curve_test_per_task,
+        ewc_lambda=args.ewc_lambda, mbpa=_mbpa_cfg(args, 32, "sgd"),
         **({"ewc_grid": _floats(args.ewc_grid, "--ewc-grid")} if args.ewc_grid else {}),
         **({"alpha_grid": _floats(args.alpha_grid, "--alpha-grid")} if args.alpha_grid else {}),
         **({"steps_grid": _ints(args.steps_grid, "--steps-grid")} if args.steps_grid else {}),
@@ -120,6 +121,30 @@ def cmd_incremental(args) -> int:
     return 0
 
 
+def cmd_curriculum(args) -> int:
+    from lmadapt.classify.curriculum import CurriculumConfig, run_curriculum, to_markdown
+
+    cfg = CurriculumConfig(
+        classes_per_stage=args.classes_per_stage, steps_per_stage=args.steps_per_stage, seeds=args.seeds,
+        hidden=_ints(args.hidden, "--hidden"), seed=args.seed, tune=not args.no_tune,
+        hebbian_gamma=args.hebbian_gamma, hebbian_T=args.hebbian_T,
+        **({"exposures": _ints(args.exposures, "--exposures")} if args.exposures else {}),
+    )
+    if not 0.0 <= cfg.hebbian_gamma <= 1.0 or cfg.hebbian_T < 1:
+        raise LmadaptError("--hebbian-gamma must be in [0, 1] and --hebbian-T at least 1")
+    out = _out_dir(args.out, args.force, ("results.json", "table.md"))
+    data = _setup(args)
+    t0 = time.time()
+    results = run_curriculum(data, cfg)
+    results["seconds"] = round(time.time() - t0, 1)
+    table = to_markdown(results)
+    runs.write_json(out / "results.json", results)
+    runs.write_bytes(out / "table.md", table.encode())
+    print(table, end="")
+    print(f"wrote {out}/results.json, table.md ({results['seconds']:.0f} s)")
+    return 0
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("classify", help="the MbPA paper's MNIST experiments (continual and incremental learning)")
     exp = p.add_subparsers(dest="experiment", required=True, parser_class=type(p))
@@ -147,7 +172,10 @@ def add_parser(sub) -> None:
     q.add_argument("--methods", default="mlp,ewc,mbpa,mbpa+ewc")
     q.add_argument("--memory-per-task", default="100,250,500,1000")
     q.add_argument("--hidden", default="100,100", help="hidden layer sizes of the MLP")
-    q.add_argument("--test-per-task", type=int, default=10000, help="test images per task (default: all 10,000)")
+    q.add_argument("--test-per-task", type=int, default=10000,
+                   help="test images per task after the last task (default: all 10,000)")
+    q.add_argument("--curve-test-per-task", type=int, default=1000,
+                   help="test images per task for the curve points before the last task (default 1,000)")
     q.add_argument("--ewc-lambda", type=float, default=100.0, help="EWC penalty weight (with --no-tune)")
     q.add_argument("--ewc-grid", help="EWC penalty weights to try")
     q.set_defaults(func=cmd_permuted)
@@ -165,4 +193,15 @@ def add_parser(sub) -> None:
     q.add_argument("--lr", type=float, default=0.01)
     q.add_argument("--test-examples", type=int, default=10000)
     q.set_defaults(func=cmd_incremental)
+
+    q = exp.add_parser("curriculum", help="classes introduced one at a time: Hebbian vs plain softmax")
+    common(q)
+    q.add_argument("--classes-per-stage", type=int, default=1)
+    q.add_argument("--steps-per-stage", type=int, default=300)
+    q.add_argument("--seeds", type=int, default=3, help="runs averaged per arm")
+    q.add_argument("--hidden", default="256,256")
+    q.add_argument("--exposures", help="exposure counts at which a new class is scored, e.g. 1,2,5,10")
+    q.add_argument("--hebbian-gamma", type=float, default=0.01, help="(with --no-tune)")
+    q.add_argument("--hebbian-T", type=int, default=500, help="(with --no-tune)")
+    q.set_defaults(func=cmd_curriculum)
 
