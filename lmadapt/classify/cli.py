@@ -85,8 +85,13 @@ def cmd_permuted(args) -> int:
     out = _out_dir(args.out, args.force, ("results.json", "permuted-mnist.png"))
     data = _setup(args)
     t0 = time.time()
-    results = run_permuted_mnist(data, cfg, methods)
+
+    def partial(res):  # a long run leaves its finished methods behind even if stopped later
+        runs.write_json(out / "results.json", {**res, "complete": False})
+
+    results = run_permuted_mnist(data, cfg, methods, on_partial=partial)
     results["seconds"] = round(time.time() - t0, 1)
+    results["complete"] = True
     runs.write_json(out / "results.json", results)
     plot(results, out / "permuted-mnist.png")
     print(f"{'method':<16} {'avg acc after 1 task':>21} {'after all':>10}  {'train s':>8} {'eval s':>8}")

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from tqdm import tqdm
 
-from lmadapt.classify.core import EWC, MbPAConfig, MLPConfig, build_mlp, predict, train_epochs
+from lmadapt.classify.core import EWC, MbPAConfig, MLPConfig, build_mlp, predict, predict_many, train_epochs
 from lmadapt.classify.mnist import MNIST
 from lmadapt.errors import LmadaptError
 from lmadapt.memory import EpisodicMemory
@@ -166,7 +166,8 @@ def _valid_accuracy(tasks: Tasks, model, memory, mbpa: MbPAConfig, predictor: st
     return sum(accs) / len(accs)
 
 
-def run_permuted_mnist(data: MNIST, cfg: ContinualConfig, methods=METHODS, log=print) -> dict:
+def run_permuted_mnist(data: MNIST, cfg: ContinualConfig, methods=METHODS, log=print, on_partial=None) -> dict:
+    """Run the experiment; ``on_partial(results)`` gets the results so far after each base network."""
     methods = check_methods(methods)
     tasks = Tasks(data, cfg)
     want_base = {"mlp": "mlp" in methods or "mbpa" in methods, "ewc": "ewc" in methods or "mbpa+ewc" in methods}
@@ -196,10 +197,15 @@ def run_permuted_mnist(data: MNIST, cfg: ContinualConfig, methods=METHODS, log=p
             t0 = time.time()
             model = _train_sequence(tasks, cfg, lam, memories=memories, desc=f"tune {mbpa_name}")
             for m_size, mem in memories.items():
-                scores = {}
-                for alpha, steps in itertools.product(cfg.alpha_grid, cfg.steps_grid):
-                    c = replace(cfg.mbpa, alpha=alpha, steps=steps)
-                    scores[(alpha, steps)] = _valid_accuracy(tasks, model, mem, c, "mbpa")
+                grid = list(itertools.product(cfg.alpha_grid, cfg.steps_grid))
+                settings = [replace(cfg.mbpa, alpha=a, steps=t) for a, t in grid]
+                accs = [0.0] * len(grid)
+                for t in range(cfg.tasks):  # one neighbour search per task serves the whole grid
+                    x, y = tasks.valid(t)
+                    preds = predict_many(torch.nn.Identity(), model, mem, x, {"mbpa": settings})["mbpa"]
+                    for i, pred in enumerate(preds):
+                        accs[i] += _accuracy(pred, y) / cfg.tasks
+                scores = dict(zip(grid, accs))
                 best = max(scores, key=scores.get)
                 mbpa_cfgs[m_size] = replace(cfg.mbpa, alpha=best[0], steps=best[1])
                 log(f"tune {mbpa_name} memory {m_size}/task: alpha={best[0]} T={best[1]} valid accuracy {scores[best]:.4f}")
@@ -250,6 +256,8 @@ def run_permuted_mnist(data: MNIST, cfg: ContinualConfig, methods=METHODS, log=p
                 entry["memory_per_task"] = m_size
                 entry["mbpa"] = asdict(mbpa_cfgs[m_size])
             results["methods"][name] = entry
+        if on_partial is not None:
+            on_partial(results)
     return results
 
 

@@ -65,7 +65,6 @@ def _memory_probs(sq: Tensor, idx: Tensor, valid: Tensor, memory: EpisodicMemory
     return torch.zeros(w.shape[0], classes, dtype=w.dtype, device=w.device).scatter_add_(1, vals, w)
 
 
-@torch.no_grad()
 def predict(
     methods: tuple[str, ...] | list[str],
     embed: nn.Module,
@@ -76,46 +75,74 @@ def predict(
     *,
     batch: int = 1000,
 ) -> dict[str, Tensor]:
-    """Predicted class of every row of ``x`` under each predictor in ``methods``."""
+    """Predicted class of every row of ``x`` under each predictor in ``methods``, one setting."""
+    out = predict_many(embed, head, memory, x, {m: [cfg] for m in methods}, batch=batch)
+    return {m: v[0] for m, v in out.items()}
+
+
+@torch.no_grad()
+def predict_many(
+    embed: nn.Module,
+    head: nn.Module,
+    memory: EpisodicMemory | None,
+    x: Tensor,
+    settings: dict[str, list[MbPAConfig]],
+    *,
+    batch: int = 1000,
+) -> dict[str, list[Tensor]]:
+    """Predictions of every (predictor, setting) pair; the neighbour search runs once per batch.
+
+    ``settings`` maps a predictor name to the settings to score (a grid when tuning); the
+    returned dict holds one tensor of predicted classes per setting, in the same order.
+    The K nearest neighbours for the largest K are searched once and each setting uses
+    their first K (they come sorted by distance).
+    """
     embed.eval()
     head.eval()
+    bad = [m for m in settings if m not in PREDICTORS]
+    if bad:
+        raise ValueError(f"unknown predictor(s) {bad}; choose from {PREDICTORS}")
     classes = _out_features(head)
-    need_memory = [m for m in methods if m != "parametric"]
-    if need_memory and (memory is None or len(memory) == 0):
-        raise ValueError(f"{need_memory} need a non-empty memory")
+    with_memory = [c for m, cs in settings.items() if m != "parametric" for c in cs]
+    if with_memory and (memory is None or len(memory) == 0):
+        raise ValueError("the memory-based predictors need a non-empty memory")
+    k_max = max((c.k for c in with_memory), default=0)
     base = None
-    if "mbpa" in methods and cfg.optimizer == "sgd" and cfg.steps > 0:
+    if any(c.optimizer == "sgd" and c.steps > 0 for c in settings.get("mbpa", [])):
         # Step 1 of MbPA is taken at the trained weights: each memory entry's per-layer inputs
         # and NLL gradients are the same for every query that retrieves it, so compute them
         # once per call here and let mlp_mbpa gather them.
         base = mlp_base_pass(head, memory.keys, memory.values)
-    out: dict[str, list[Tensor]] = {m: [] for m in methods}
+    out: dict[str, list[list[Tensor]]] = {m: [[] for _ in cs] for m, cs in settings.items()}
     for s in range(0, x.shape[0], batch):
         q = embed(x[s : s + batch])
         logits = head(q)
-        if "parametric" in methods:
-            out["parametric"].append(logits.argmax(1))
-        if not need_memory:
+        for i, _ in enumerate(settings.get("parametric", [])):
+            out["parametric"][i].append(logits.argmax(1))
+        if not with_memory:
             continue
-        sq, idx, valid = memory.knn(q, cfg.k)
-        if "nonparametric" in methods or "mixture" in methods:
-            p_mem = _memory_probs(sq, idx, valid, memory, classes, cfg.eps)
-            if "nonparametric" in methods:
-                out["nonparametric"].append(p_mem.argmax(1))
-            if "mixture" in methods:
-                lam = cfg.mixture_lambda
-                out["mixture"].append((lam * logits.softmax(1) + (1 - lam) * p_mem).argmax(1))
-        if "mbpa" in methods:
-            w = kernel_weights(sq, valid, cfg.eps, cfg.normalise)
-            nb_x, nb_y = memory.keys[idx], memory.values[idx]
-            if cfg.optimizer == "sgd":
-                nb_base = None if base is None else ([t[idx] for t in base[0]], [t[idx] for t in base[1]])
-                logp = mlp_mbpa(head, q, nb_x, nb_y, w, steps=cfg.steps, lr=cfg.alpha, beta=cfg.beta, nb_base=nb_base)
-            else:
-                logp = functional_mbpa(head, q, nb_x, nb_y, w, steps=cfg.steps, lr=cfg.alpha, beta=cfg.beta,
-                                       optimizer=cfg.optimizer)
-            out["mbpa"].append(logp.argmax(1))
-    return {m: torch.cat(v) for m, v in out.items()}
+        sq_all, idx_all, valid_all = memory.knn(q, k_max)
+        for name in ("nonparametric", "mixture", "mbpa"):
+            for i, c in enumerate(settings.get(name, [])):
+                sq, idx, valid = sq_all[:, : c.k], idx_all[:, : c.k], valid_all[:, : c.k]
+                if name == "nonparametric":
+                    pred = _memory_probs(sq, idx, valid, memory, classes, c.eps).argmax(1)
+                elif name == "mixture":
+                    p_mem = _memory_probs(sq, idx, valid, memory, classes, c.eps)
+                    pred = (c.mixture_lambda * logits.softmax(1) + (1 - c.mixture_lambda) * p_mem).argmax(1)
+                else:
+                    pred = _mbpa_log_probs(head, q, memory, sq, idx, valid, c, base).argmax(1)
+                out[name][i].append(pred)
+    return {m: [torch.cat(v) for v in per] for m, per in out.items()}
+
+
+def _mbpa_log_probs(head, q, memory, sq, idx, valid, c: MbPAConfig, base) -> Tensor:
+    w = kernel_weights(sq, valid, c.eps, c.normalise)
+    nb_x, nb_y = memory.keys[idx], memory.values[idx]
+    if c.optimizer == "sgd":
+        nb_base = None if base is None else ([t[idx] for t in base[0]], [t[idx] for t in base[1]])
+        return mlp_mbpa(head, q, nb_x, nb_y, w, steps=c.steps, lr=c.alpha, beta=c.beta, nb_base=nb_base)
+    return functional_mbpa(head, q, nb_x, nb_y, w, steps=c.steps, lr=c.alpha, beta=c.beta, optimizer=c.optimizer)
 
 
 def _out_features(head: nn.Module) -> int:
@@ -205,4 +232,4 @@ def train_epochs(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch: 
     model.eval()
 
 
-__all__ = ["PREDICTORS", "MLPConfig", "build_mlp", "MbPAConfig", "predict", "EWC", "train_epochs"]
+__all__ = ["PREDICTORS", "MLPConfig", "build_mlp", "MbPAConfig", "predict", "predict_many", "EWC", "train_epochs"]
