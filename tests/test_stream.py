@@ -117,6 +117,32 @@ def test_mixture_and_lambda_checks():
 
 
 @pytest.mark.parametrize("variant", ["sgd", "rms"])
+def test_dyneval_fused_update_is_the_textbook_rule(variant):
+    from lmadapt.methods.dyneval import apply_update
+
+    g = torch.Generator().manual_seed(3)
+    shapes = [(7, 5), (11,)]
+    w = [torch.randn(s, generator=g) for s in shapes]
+    w0 = [torch.randn(s, generator=g) for s in shapes]
+    rms = [torch.rand(s, generator=g) for s in shapes]
+    lr, decay, eps = 0.01, 0.05, 1e-3
+    mean = torch.cat([r.flatten() for r in rms]).mean()
+    rate = [(r / mean).clamp(max=1 / decay) if variant == "rms" else torch.ones_like(r) for r in rms]
+    fused = [t.clone() for t in w]
+    ref = [t.clone() for t in w]
+    for _ in range(20):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for i in range(len(ref)):  # the rule as written in the paper
+            step = grads[i] / (rms[i] + eps) if variant == "rms" else grads[i]
+            ref[i] = ref[i] + decay * rate[i] * (w0[i] - ref[i]) - lr * step
+        apply_update(fused, grads, lr=lr, keep=[1 - decay * r for r in rate],
+                     anchor=[decay * r * a for r, a in zip(rate, w0)],
+                     inv=[1 / (r + eps) for r in rms] if variant == "rms" else None)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["sgd", "rms"])
 def test_dynamic_evaluation_adapts_and_leaves_the_model_alone(variant):
     model, stream = _model(), _stream(400)
     before = {k: v.clone() for k, v in model.state_dict().items()}
