@@ -9,24 +9,23 @@ from lmadapt import runs
 from lmadapt.errors import LmadaptError
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
+def _numbers(text: str, flag: str, cast=float) -> tuple:
+    """Comma-separated numbers of one type, or a one-line error naming the flag."""
     try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
+        vals = tuple(cast(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise LmadaptError(f"{flag} takes comma-separated integers, got {text!r}") from None
+        raise LmadaptError(f"{flag} takes comma-separated {'integers' if cast is int else 'numbers'}, got {text!r}") from None
     if not vals:
         raise LmadaptError(f"{flag} is empty")
     return vals
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    return _numbers(text, flag, int)
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise LmadaptError(f"{flag} takes comma-separated numbers, got {text!r}") from None
-    if not vals:
-        raise LmadaptError(f"{flag} is empty")
-    return vals
+    return _numbers(text, flag, float)
 
 
 def _out_dir(path: str, force: bool, files: tuple[str, ...]) -> Path:

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from tqdm import tqdm
 
-from lmadapt.classify.core import EWC, MbPAConfig, MLPConfig, build_mlp, predict, predict_many, train_epochs
+from lmadapt.classify.core import EWC, MbPAConfig, MLPConfig, build_mlp, jsonable, predict, predict_many, train_epochs
 from lmadapt.classify.mnist import MNIST
 from lmadapt.errors import LmadaptError
 from lmadapt.memory import EpisodicMemory
@@ -182,7 +182,7 @@ def run_permuted_mnist(data: MNIST, cfg: ContinualConfig, methods=METHODS, log=p
         ewc_lambda = max(scores, key=scores.get)
         tuning["ewc_lambda"] = {"grid": {str(k): v for k, v in scores.items()}, "best": ewc_lambda}
 
-    results: dict = {"config": _jsonable(asdict(cfg)), "methods": {}, "tuning": tuning}
+    results: dict = {"config": jsonable(asdict(cfg)), "methods": {}, "tuning": tuning}
     for base in ("mlp", "ewc"):
         if not want_base[base]:
             continue
@@ -259,14 +259,6 @@ def run_permuted_mnist(data: MNIST, cfg: ContinualConfig, methods=METHODS, log=p
         if on_partial is not None:
             on_partial(results)
     return results
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 def plot(results: dict, path) -> None:

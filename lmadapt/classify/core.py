@@ -145,6 +145,15 @@ def _mbpa_log_probs(head, q, memory, sq, idx, valid, c: MbPAConfig, base) -> Ten
     return functional_mbpa(head, q, nb_x, nb_y, w, steps=c.steps, lr=c.alpha, beta=c.beta, optimizer=c.optimizer)
 
 
+def jsonable(obj):
+    """Tuples (in dataclass configs) as lists, recursively, for JSON results."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
 def _out_features(head: nn.Module) -> int:
     last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
     return last.out_features

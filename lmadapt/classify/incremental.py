@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmadapt.classify.core import PREDICTORS, MbPAConfig, predict_many
+from lmadapt.classify.core import PREDICTORS, MbPAConfig, jsonable, predict_many
 from lmadapt.classify.mnist import MNIST
 from lmadapt.errors import LmadaptError
 from lmadapt.memory import EpisodicMemory
@@ -243,7 +243,7 @@ def run_incremental(data: MNIST, cfg: IncrementalConfig, log=print) -> dict:
             entry[f"{subset}_top1_at"] = {str(e): _at(epochs, ys, e) for e in REPORT_EPOCHS if e <= epochs[-1] + 1e-9}
             entry[f"{subset}_auc_at"] = {str(e): _auc(epochs, ys, e) for e in REPORT_EPOCHS if e <= epochs[-1] + 1e-9}
         methods[name] = entry
-    return {"config": _jsonable(asdict(cfg)), "epochs": epochs, "reported_splits": report_splits,
+    return {"config": jsonable(asdict(cfg)), "epochs": epochs, "reported_splits": report_splits,
             "splits": [{k: r[k] for k in ("novel_classes", "scarce_classes")} for r in per_split],
             "methods": methods, "tuning": tuning, "tune_seconds": round(tune_seconds, 1),
             "eval_seconds_all_predictors": round(sum(r["eval_seconds"]["all"] for r in per_split), 1),
@@ -264,14 +264,6 @@ def _describe(name: str, c: MbPAConfig) -> dict:
         return {"k": c.k, "eps": c.eps, "lambda": c.mixture_lambda}
     return {"k": c.k, "eps": c.eps, "alpha": c.alpha, "steps": c.steps, "optimizer": c.optimizer, "beta": c.beta,
             "normalise": c.normalise}
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 def to_markdown(results: dict) -> str:
