@@ -203,7 +203,11 @@ def cmd_report(args) -> int:
     from lmadapt.report import bucket_report, plot_png, to_markdown
 
     tokens = load_tokens(Path(args.tokens_file))
-    rep = bucket_report(tokens, args.baseline, args.method, args.buckets)
+    other, label = None, None
+    if args.method_tokens:
+        other = load_tokens(Path(args.method_tokens))
+        label = f"{args.method} [{Path(args.method_tokens).name}]"
+    rep = bucket_report(tokens, args.baseline, args.method, args.buckets, method_tokens=other, method_label=label)
     markdown = to_markdown(rep)
     print(markdown, end="")
     if args.out:
@@ -269,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="lstm+cache")
     p.add_argument("--method", default="mbpa+cache")
     p.add_argument("--buckets", type=int, default=5)
+    p.add_argument("--method-tokens", help="take --method from this second tokens file (another run, same split)")
     p.add_argument("--out", help="Markdown file; .json and .png are written beside it")
     p.set_defaults(func=cmd_report)
 

@@ -59,8 +59,21 @@ def frequency_buckets(targets: torch.Tensor, train_counts: torch.Tensor, buckets
     return lookup[targets]
 
 
-def bucket_report(tokens: dict, baseline: str, method: str, buckets: int = 5, seed: int = 0) -> dict:
-    base_lp, meth_lp = method_log_probs(tokens, baseline), method_log_probs(tokens, method)
+def bucket_report(tokens: dict, baseline: str, method: str, buckets: int = 5, seed: int = 0,
+                  method_tokens: dict | None = None, method_label: str | None = None) -> dict:
+    """Buckets of ``tokens``; the method's column comes from ``method_tokens`` when given.
+
+    ``method_tokens`` is a second tokens file over the same stream, e.g. another model
+    (a Hebbian-softmax run against a plain one): its targets must equal ``tokens``'.
+    """
+    base_lp = method_log_probs(tokens, baseline)
+    if method_tokens is not None:
+        if not torch.equal(method_tokens["targets"], tokens["targets"]):
+            raise LmadaptError("the two tokens files score different streams (targets differ): "
+                               "evaluate both runs on the same corpus and split")
+        meth_lp = method_log_probs(method_tokens, method)
+    else:
+        meth_lp = method_log_probs(tokens, method)
     targets, counts = tokens["targets"], tokens["train_counts"]
     ids = frequency_buckets(targets, counts, buckets)
     g = torch.Generator().manual_seed(seed)
@@ -81,7 +94,7 @@ def bucket_report(tokens: dict, baseline: str, method: str, buckets: int = 5, se
                      "improvement_percent": 100 * (1 - ppl_m / ppl_b), "improvement_sd": float(boot.std())})
     overall_b = float(torch.exp(-base_lp.double().mean()))
     overall_m = float(torch.exp(-meth_lp.double().mean()))
-    return {"split": tokens.get("split"), "baseline": baseline, "method": method, "buckets": rows,
+    return {"split": tokens.get("split"), "baseline": baseline, "method": method_label or method, "buckets": rows,
             "overall": {"ppl_baseline": overall_b, "ppl_method": overall_m,
                         "improvement_percent": 100 * (1 - overall_m / overall_b)},
             "sd": f"standard deviation over {BOOTSTRAP} bootstrap resamples of each bucket's tokens"}

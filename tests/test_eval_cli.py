@@ -89,6 +89,25 @@ def test_report_buckets_and_outputs(trained, tmp_path):
     assert rep["buckets"][0]["train_freq_min"] >= rep["buckets"][-1]["train_freq_max"]
 
 
+def test_report_across_two_tokens_files(trained, tmp_path, capsys):
+    root, _, _ = trained
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    assert _cli("eval", root / "run", "--method", "cache", "--save-tokens", a) == 0
+    assert _cli("eval", root / "run", "--method", "cache", "--lambda-cache", 0.3, "--save-tokens", b) == 0
+    md = tmp_path / "x.md"
+    # lstm of file a vs lstm+cache of file b == the same comparison within file b
+    assert _cli("report", a, "--baseline", "lstm", "--method", "lstm+cache", "--method-tokens", b,
+                "--buckets", 2, "--out", md) == 0
+    across = json.loads(md.with_suffix(".json").read_text())
+    within = bucket_report(load_tokens(b), "lstm", "lstm+cache", 2)
+    assert across["overall"]["ppl_method"] == pytest.approx(within["overall"]["ppl_method"], rel=1e-9)
+    assert across["method"].endswith("[b.pt]")
+    other = load_tokens(b)
+    other["targets"] = other["targets"].flip(0)
+    with pytest.raises(Exception, match="different streams"):
+        bucket_report(load_tokens(a), "lstm", "lstm", 2, method_tokens=other)
+
+
 def test_frequency_buckets_are_balanced_and_ordered():
     counts = torch.tensor([100, 50, 10, 5, 1, 1])
     targets = torch.tensor([0] * 4 + [1] * 4 + [2] * 4 + [3] * 2 + [4] * 1 + [5] * 1)
