@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Hebbian softmax on a language-model recipe, against the plain run of the same recipe.
+#   bench/hebbian_lm.sh DATA_DIR RECIPE [EVAL_CONFIG_JSON]
+# Needs bench/out/RECIPE (the plain run, from bench/train.sh). Trains RECIPE with
+# model.softmax=hebbian into bench/out/RECIPE-hebbian (same time budget), scores both on
+# test with lstm, cache, mbpa and mbpa+cache (settings from EVAL_CONFIG_JSON, e.g. the
+# `lmadapt tune` output of bench/table2.py, else the defaults), and writes per-bucket
+# reports hebbian vs plain to bench/out/hebbian-RECIPE/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+data_dir="$1"; recipe="$2"; config="${3:-}"
+plain="bench/out/$recipe"; heb="bench/out/$recipe-hebbian"; out="bench/out/hebbian-$recipe"
+threads="${LMADAPT_THREADS:-2}"
+[ -f "$plain/results.json" ] || { echo "train the plain run first: bench/train.sh $data_dir $recipe"; exit 2; }
+mkdir -p "$out"
+if [ ! -f "$heb/results.json" ]; then
+  lmadapt train --recipe "$recipe" --data-dir "$data_dir" --out "$heb" --threads "$threads" \
+    --set model.softmax=hebbian ${HEBBIAN_SET:-} > "$out/train.log" 2>&1
+fi
+cat "$heb/results.json"
+for run in "$plain" "$heb"; do
+  name=$(basename "$run")
+  if [ -n "$config" ]; then method=(--config "$config"); else method=(--method mbpa+cache); fi
+  lmadapt eval "$run" --data-dir "$data_dir" --split test "${method[@]}" --threads "$threads" \
+    --json "$out/$name-test.json" --save-tokens "$out/$name-test-tokens.pt"
+done
+for m in lstm lstm+cache lstm+mbpa+cache; do
+  lmadapt report "$out/$recipe-test-tokens.pt" --baseline "$m" --method "$m" \
+    --method-tokens "$out/$recipe-hebbian-test-tokens.pt" --out "$out/buckets-$m.md"
+done
