@@ -33,6 +33,28 @@ def write_markov_corpus(root: Path, seed: int = 0, words: int = 40, lines=(300, 
     return root
 
 
+def tiny_lm(vocab: int = 30, seed: int = 0):
+    """A 1-layer 12-unit LSTM LM in eval mode, for the streaming-evaluation tests."""
+    from lmadapt.model import LMConfig, LSTMLM
+
+    torch.manual_seed(seed)
+    model = LSTMLM(LMConfig(vocab_size=vocab, emb_size=12, hidden_size=12, num_layers=1)).eval()
+    with torch.no_grad():  # a peakier softmax than the tiny init gives
+        model.decoder.weight.mul_(8)
+    return model
+
+
+def motif_stream(n: int, vocab: int = 30, seed: int = 1) -> torch.Tensor:
+    """A token stream that repeats a 23-token motif 70 % of the time, noise otherwise.
+
+    Repeats make cache/MbPA/dyneval matter; noise keeps it from being trivial.
+    """
+    g = torch.Generator().manual_seed(seed)
+    motif = torch.randint(0, vocab, (23,), generator=g)
+    noise = torch.randint(0, vocab, (n,), generator=g)
+    return torch.where(torch.rand(n, generator=g) < 0.7, motif.repeat(n // 23 + 1)[:n], noise)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tiny-tensor tests on one thread (more only adds contention)."""

@@ -18,7 +18,8 @@ from lmadapt.adapt import LinearMbPA, adapted_log_probs_lowrank, kernel_weights,
 from lmadapt.memory import EpisodicMemory
 from lmadapt.methods.cache import CacheParams, NeuralCache
 from lmadapt.methods.mbpa import MbPA, MbPAParams
-from lmadapt.model import LMConfig, LSTMLM
+
+from conftest import motif_stream, tiny_lm
 from lmadapt.stream import make_memory, stream_eval
 
 DT = torch.float64
@@ -100,23 +101,10 @@ def test_linear_mbpa_probs_extra_matches_logits_extra():
 
 
 # --------------------------------------------------------------------------- stream
-def _model(vocab=30, seed=0):
-    torch.manual_seed(seed)
-    model = LSTMLM(LMConfig(vocab_size=vocab, emb_size=12, hidden_size=12, num_layers=1)).eval()
-    with torch.no_grad():
-        model.decoder.weight.mul_(8)
-    return model
-
-
-def _stream(n=300, vocab=30, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    motif = torch.randint(0, vocab, (23,), generator=g)
-    noise = torch.randint(0, vocab, (n,), generator=g)
-    return torch.where(torch.rand(n, generator=g) < 0.7, motif.repeat(n // 23 + 1)[:n], noise)
 
 
 def test_one_step_mbpa_stream_independent_of_segment_and_matches_naive():
-    model, stream = _model(), _stream()
+    model, stream = tiny_lm(), motif_stream(300)
     params = MbPAParams(memory=50, k=10, alpha=0.5, steps=1)
     results = [stream_eval(model, stream, [MbPA(params)], {"mbpa": 0.3}, segment_len=L) for L in (1, 13, None)]
     for r in results[1:]:
@@ -135,7 +123,7 @@ def test_one_step_mbpa_stream_independent_of_segment_and_matches_naive():
 
 
 def test_float16_store_in_the_stream_is_close():
-    model, stream = _model(), _stream()
+    model, stream = tiny_lm(), motif_stream(300)
     base = dict(memory=50, k=10, alpha=0.5, steps=1)
     exact = stream_eval(model, stream, [MbPA(MbPAParams(**base))], {"mbpa": 0.3})
     half = stream_eval(model, stream, [MbPA(MbPAParams(**base, store="float16"))], {"mbpa": 0.3})
@@ -144,7 +132,7 @@ def test_float16_store_in_the_stream_is_close():
 
 
 def test_memory_extras_and_segment_preference():
-    model = _model()
+    model = tiny_lm()
     one = MbPA(MbPAParams(memory=50, k=10, steps=1, store="bfloat16"))
     many = MbPA(MbPAParams(memory=50, k=10, steps=3))
     assert one.memory_extras() == {"probs": torch.bfloat16} and many.memory_extras() == {"log_probs": torch.float32}
@@ -156,7 +144,7 @@ def test_memory_extras_and_segment_preference():
 
 
 def test_cache_reads_only_its_window_of_a_longer_memory():
-    model, stream = _model(), _stream()
+    model, stream = tiny_lm(), motif_stream(300)
     cache = CacheParams(window=20, theta=0.5)
     alone = stream_eval(model, stream, [NeuralCache(cache)], {"cache": 0.2}, segment_len=32)
     shared = stream_eval(model, stream, [MbPA(MbPAParams(memory=150, k=10)), NeuralCache(cache)],
@@ -182,7 +170,7 @@ def test_knn_candidates_far_from_the_origin():
 def test_cache_row_blocks(monkeypatch):
     import lmadapt.methods.cache as cache_mod
 
-    model, stream = _model(), _stream()
+    model, stream = tiny_lm(), motif_stream(300)
     cache = CacheParams(window=20, theta=0.5)
     ref = stream_eval(model, stream, [NeuralCache(cache)], {"cache": 0.2}, segment_len=1)
     monkeypatch.setattr(cache_mod, "_ROWS", 16)

@@ -14,7 +14,8 @@ from lmadapt.methods.cache import CacheParams, NeuralCache
 from lmadapt.methods.dyneval import DynamicEvaluation, DynEvalParams
 from lmadapt.methods.mbpa import MbPA, MbPAParams
 from lmadapt.mix import check_lambdas, mix_log_probs
-from lmadapt.model import LMConfig, LSTMLM
+
+from conftest import motif_stream, tiny_lm
 from lmadapt.stream import stream_eval
 
 
@@ -23,28 +24,12 @@ class _Corpus:
         self.train = train
 
 
-def _model(vocab=30, seed=0):
-    torch.manual_seed(seed)
-    model = LSTMLM(LMConfig(vocab_size=vocab, emb_size=12, hidden_size=12, num_layers=1)).eval()
-    with torch.no_grad():  # a peakier softmax than the tiny init gives
-        model.decoder.weight.mul_(8)
-    return model
-
-
-def _stream(n=260, vocab=30, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    motif = torch.randint(0, vocab, (23,), generator=g)
-    noise = torch.randint(0, vocab, (n,), generator=g)
-    # Repeats make cache/MbPA/dyneval matter; noise keeps it from being trivial.
-    return torch.where(torch.rand(n, generator=g) < 0.7, motif.repeat(n // 23 + 1)[:n], noise)
-
-
 def _methods():
     return [MbPA(MbPAParams(memory=60, k=8, alpha=0.5, steps=2, beta=0.1)), NeuralCache(CacheParams(window=40, theta=0.5))]
 
 
 def test_results_do_not_depend_on_segment_length():
-    model, stream = _model(), _stream()
+    model, stream = tiny_lm(), motif_stream(260)
     lambdas = {"mbpa": 0.2, "cache": 0.2}
     results = [stream_eval(model, stream, _methods(), lambdas, segment_len=L) for L in (1, 7, 128)]
     ref = results[0]
@@ -64,7 +49,7 @@ def _hidden_and_logits(model, stream):
 
 
 def test_cache_matches_per_token_reference_and_starts_empty():
-    model, stream = _model(), _stream(120)
+    model, stream = tiny_lm(), motif_stream(120)
     window, theta = 15, 0.7
     r = stream_eval(model, stream, [NeuralCache(CacheParams(window=window, theta=theta))], {"cache": 0.3}, segment_len=32)
     hidden, _ = _hidden_and_logits(model, stream)
@@ -82,7 +67,7 @@ def test_cache_matches_per_token_reference_and_starts_empty():
 
 
 def test_mbpa_in_the_stream_matches_the_naive_reference():
-    model, stream = _model(), _stream(90)
+    model, stream = tiny_lm(), motif_stream(90)
     params = MbPAParams(memory=30, k=6, alpha=0.4, steps=3, beta=0.05, eps=1e-3, normalise=False)
     r = stream_eval(model, stream, [MbPA(params)], {"mbpa": 0.5}, segment_len=16)
     hidden, _ = _hidden_and_logits(model, stream)
@@ -144,9 +129,9 @@ def test_dyneval_fused_update_is_the_textbook_rule(variant):
 
 @pytest.mark.parametrize("variant", ["sgd", "rms"])
 def test_dynamic_evaluation_adapts_and_leaves_the_model_alone(variant):
-    model, stream = _model(), _stream(400)
+    model, stream = tiny_lm(), motif_stream(400)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    corpus = _Corpus(_stream(300, seed=5))
+    corpus = _Corpus(motif_stream(300, seed=5))
     plain = stream_eval(model, stream, [], {}, segment_len=5)
     frozen = stream_eval(model, stream, [DynamicEvaluation(DynEvalParams(lr=0.0, decay=0.0, variant=variant))], {},
                          corpus=corpus)
