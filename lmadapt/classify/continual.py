@@ -32,12 +32,11 @@ import torch
 from tqdm import tqdm
 
 from lmadapt.classify.core import EWC, MbPAConfig, MLPConfig, build_mlp, jsonable, predict, predict_many, train_epochs
-from lmadapt.classify.mnist import MNIST
+from lmadapt.classify.mnist import MNIST, train_pool_size
 from lmadapt.errors import LmadaptError
 from lmadapt.memory import EpisodicMemory
 
 METHODS = ("mlp", "ewc", "mbpa", "mbpa+ewc")
-VALID_START = 50000  # MNIST train[50000:] is the validation pool; tasks draw from train[:50000]
 
 
 @dataclass
@@ -86,7 +85,7 @@ class Tasks:
 
     def __init__(self, data: MNIST, cfg: ContinualConfig):
         g = torch.Generator().manual_seed(cfg.seed)
-        n_pool = min(VALID_START, data.train_x.shape[0] - 1) if data.train_x.shape[0] > VALID_START else data.train_x.shape[0] * 5 // 6
+        n_pool = train_pool_size(data.train_x.shape[0])
         if cfg.examples_per_task > n_pool:
             raise LmadaptError(f"--examples-per-task {cfg.examples_per_task} exceeds the {n_pool} training images available per task")
         self.data, self.cfg = data, cfg

@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from lmadapt.classify.incremental import Net
-from lmadapt.classify.mnist import MNIST
+from lmadapt.classify.mnist import MNIST, train_pool_size
 from lmadapt.errors import LmadaptError
 from lmadapt.hebbian import HebbianSoftmax
 
-VALID_START = 50000
 
 
 @dataclass
@@ -56,7 +55,7 @@ def run_arm(data: MNIST, cfg: CurriculumConfig, seed: int, hebbian: tuple[float,
     """One training run through the curriculum; returns new-class accuracy at each exposure count."""
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(10, generator=g)
-    n_pool = min(VALID_START, data.train_x.shape[0] * 5 // 6)
+    n_pool = train_pool_size(data.train_x.shape[0])
     x_pool, y_pool = data.train_x[:n_pool], data.train_y[:n_pool]
     if evaluate_on == "valid":
         x_eval, y_eval = data.train_x[n_pool:], data.train_y[n_pool:]

@@ -32,11 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmadapt.classify.core import PREDICTORS, MbPAConfig, jsonable, predict_many
-from lmadapt.classify.mnist import MNIST
+from lmadapt.classify.mnist import MNIST, train_pool_size
 from lmadapt.errors import LmadaptError
 from lmadapt.memory import EpisodicMemory
 
-VALID_START = 50000
 REPORT_EPOCHS = (0.1, 1.0, 3.0)
 
 
@@ -120,7 +119,7 @@ def run_split(data: MNIST, cfg: IncrementalConfig, split: int, configs: dict[str
     g = torch.Generator().manual_seed(cfg.seed * 1000 + split)
     classes = torch.randperm(10, generator=g)
     pre_classes, novel = classes[:5].sort().values, classes[5:].sort().values
-    n_pool = min(VALID_START, data.train_x.shape[0] * 5 // 6)
+    n_pool = train_pool_size(data.train_x.shape[0])
     x_pool, y_pool = data.train_x[:n_pool], data.train_y[:n_pool]
     keep = torch.ones(n_pool, dtype=torch.bool)
     # unbalanced: half of the novel classes (2 of 5, rounded down) keep a tenth of their images

@@ -23,6 +23,16 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 _UINT8 = 0x08
+# The experiments learn from MNIST train[:50000] and tune on train[50000:] (never trained on).
+VALID_START = 50000
+
+
+def train_pool_size(n_train: int) -> int:
+    """How many of the first training images are for training; the rest are validation.
+
+    50,000 of MNIST's 60,000; on a smaller (test fixture) set, the first five sixths.
+    """
+    return min(VALID_START, n_train * 5 // 6)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
