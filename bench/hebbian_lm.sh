@@ -2,7 +2,9 @@
 # Hebbian softmax on a language-model recipe, against the plain run of the same recipe.
 #   bench/hebbian_lm.sh DATA_DIR RECIPE [EVAL_CONFIG_JSON]
 # Needs bench/out/RECIPE (the plain run, from bench/train.sh). Trains RECIPE with
-# model.softmax=hebbian into bench/out/RECIPE-hebbian (same time budget), scores both on
+# model.softmax=hebbian into bench/out/RECIPE-hebbian with the same budget in optimiser
+# steps as the plain run (train.max_steps = its step count, no time limit: the recipes'
+# time budget would give fewer steps to a run made on a busier machine), scores both on
 # test with lstm, cache, mbpa and mbpa+cache (settings from EVAL_CONFIG_JSON, e.g. the
 # `lmadapt tune` output of bench/table2.py, else the defaults), and writes per-bucket
 # reports hebbian vs plain to bench/out/hebbian-RECIPE/.
@@ -14,8 +16,10 @@ threads="${LMADAPT_THREADS:-2}"
 [ -f "$plain/results.json" ] || { echo "train the plain run first: bench/train.sh $data_dir $recipe"; exit 2; }
 mkdir -p "$out"
 if [ ! -f "$heb/results.json" ]; then
+  steps=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['steps'])" "$plain/results.json")
   lmadapt train --recipe "$recipe" --data-dir "$data_dir" --out "$heb" --threads "$threads" \
-    --set model.softmax=hebbian ${HEBBIAN_SET:-} > "$out/train.log" 2>&1
+    --set model.softmax=hebbian --set train.max_minutes=0 --set "train.max_steps=$steps" ${HEBBIAN_SET:-} \
+    > "$out/train.log" 2>&1
 fi
 cat "$heb/results.json"
 for run in "$plain" "$heb"; do

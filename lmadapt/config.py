@@ -29,6 +29,9 @@ class TrainConfig:
     bptt: int = 35
     epochs: int = 3
     max_minutes: float = 0.0        # wall-clock training budget; 0 = none. Stops after the current step.
+    max_steps: int = 0              # optimiser-step budget (the schedule anneals to it); 0 = epochs decide.
+                                    # Unlike max_minutes it does not depend on machine load, so it gives
+                                    # "same budget" comparisons between runs made under different loads.
     optimizer: str = "adam"         # adam | adamw | sgd
     lr: float = 3e-3
     weight_decay: float = 0.0

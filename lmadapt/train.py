@@ -261,6 +261,8 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
     steps_per_epoch = math.ceil((columns.size(1) - 1) / t.bptt)
     log_q = unigram_log_q(corpus.train_counts()).to(device) if t.sampled_softmax > 0 else None
     total_steps = steps_per_epoch * t.epochs
+    if t.max_steps > 0:
+        total_steps = min(total_steps, t.max_steps)
 
     prog = dict(epoch=0, step_in_epoch=0, global_step=0, best_valid=float("inf"), bad_validations=0,
                 lr_scale=1.0, asgd=False, valid_history=[], train_seconds=0.0, tokens_seen=0,
@@ -405,16 +407,19 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
                 return None  # simulated kill: no checkpoint beyond the last periodic one
 
             out_of_time = t.max_minutes > 0 and prog["train_seconds"] >= 60 * t.max_minutes
+            out_of_steps = t.max_steps > 0 and prog["global_step"] >= t.max_steps
             out_of_time = ddp.any(out_of_time)
             end_of_epoch = prog["step_in_epoch"] >= steps_per_epoch
             if end_of_epoch:
                 prog["epoch"] += 1
                 prog["step_in_epoch"] = 0
-            if out_of_time or end_of_epoch or (t.eval_interval and prog["global_step"] % t.eval_interval == 0):
+            if out_of_time or out_of_steps or end_of_epoch or (t.eval_interval and prog["global_step"] % t.eval_interval == 0):
                 if validate():
                     prog["stopped_because"] = "early stopping"
                 if out_of_time:
                     prog["stopped_because"] = "time budget"
+                elif out_of_steps:
+                    prog["stopped_because"] = "step budget"
                 checkpoint()
                 if prog["stopped_because"]:
                     stop = True

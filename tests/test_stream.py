@@ -145,3 +145,72 @@ def test_dynamic_evaluation_adapts_and_leaves_the_model_alone(variant):
     torch.testing.assert_close(adapted.base[:5], plain.base[:5], atol=1e-5, rtol=0)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def _dyneval_reference(model, stream, lr, adapt, segment):
+    """Plain SGD dynamic evaluation written the obvious way: a full autograd backward of
+    each segment's mean NLL, then w -= lr * grad, for the chosen parameters."""
+    import torch.nn.functional as F
+
+    model = copy.deepcopy(model)
+    chosen = {"all": list(model.parameters()), "output": list(model.decoder.parameters()),
+              "lstm": list(model.layers.parameters())}[adapt]
+    unique = list({id(p): p for p in chosen}.values())
+    state, out = None, []
+    for s in range(0, stream.numel() - 1, segment):
+        x, y = stream[s:s + segment], stream[s + 1:s + 1 + segment]
+        x = x[:y.numel()]
+        _, logits, state = model(x.unsqueeze(0), state)
+        log_p = F.log_softmax(logits[0], -1).gather(1, y.unsqueeze(1)).squeeze(1)
+        grads = torch.autograd.grad(-log_p.mean(), unique, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(unique, grads):
+                if g is not None:
+                    p.sub_(lr * g)
+        state = [(h.detach(), c.detach()) for h, c in state]
+        out.append(log_p.detach())
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("shape", ["tied", "tied+projection", "untied"])
+@pytest.mark.parametrize("adapt", ["all", "output", "lstm"])
+def test_dyneval_in_the_stream_matches_a_plain_autograd_loop(shape, adapt):
+    # Over 12 adapted segments the stream's per-token scores must equal a plain loop's
+    # (score, then w -= lr * grad), whichever parameters adapt and however the weights are
+    # tied (tied weights must get the embedding's and the softmax's gradient summed).
+    from lmadapt.model import LMConfig, LSTMLM
+
+    torch.manual_seed(4)
+    hidden = 10 if shape == "tied+projection" else 8
+    model = LSTMLM(LMConfig(vocab_size=30, emb_size=8, hidden_size=hidden, num_layers=2,
+                            tie_weights=shape != "untied")).eval()
+    with torch.no_grad():
+        model.decoder.weight.mul_(6)
+    stream = motif_stream(61)
+    lr = 0.5
+    got = stream_eval(model, stream, [DynamicEvaluation(DynEvalParams(lr=lr, decay=0.0, variant="sgd",
+                                                                      adapt=adapt, segment=5))], {})
+    ref = _dyneval_reference(model, stream, lr, adapt, 5)
+    plain = stream_eval(model, stream, [], {})
+    assert (ref - plain.base).abs().max() > 1e-2  # the updates do change the scores
+    torch.testing.assert_close(got.base, ref, atol=1e-5, rtol=0)
+
+
+def test_dyneval_gradient_statistics_match_plain_autograd():
+    import torch.nn.functional as F
+
+    model, train = tiny_lm(), motif_stream(53, seed=5)
+    method = DynamicEvaluation(DynEvalParams(variant="rms", segment=5, stat_tokens=50))
+    stream_eval(model, motif_stream(12), [method], {}, corpus=_Corpus(train))
+    ref_model = copy.deepcopy(model)
+    params = list({id(p): p for p in ref_model.parameters()}.values())
+    sums, state, count = [torch.zeros_like(p) for p in params], None, 0
+    for s in range(0, 50, 5):
+        x, y = train[s:s + 5], train[s + 1:s + 6]
+        _, logits, state = ref_model(x.unsqueeze(0), state)
+        state = [(h.detach(), c.detach()) for h, c in state]
+        grads = torch.autograd.grad(F.cross_entropy(logits[0], y), params)
+        sums = [a + g.square() for a, g in zip(sums, grads)]
+        count += 1
+    for got, acc in zip(method.rms, sums):
+        torch.testing.assert_close(got, (acc / count).sqrt(), atol=1e-6, rtol=1e-4)

@@ -228,3 +228,17 @@ def test_training_with_sampled_softmax_learns(tiny_corpus_dir, tmp_path):
                                         "train.sampled_softmax_until=0.7"])
     results = fit(tmp_path / "run", cfg, load_corpus(cfg.data.name))
     assert results["valid_ppl"] < 15
+
+
+def test_step_budget_stops_there_and_anneals_the_schedule_to_it(tiny_corpus_dir, tmp_path):
+    # train.max_steps is the load-independent budget used for same-budget comparisons.
+    cfg = tiny_config(tiny_corpus_dir, ["train.epochs=50", "train.max_steps=17", "train.lr_schedule=cosine",
+                                        "train.eval_interval=0"])
+    corpus = load_corpus(cfg.data.name)
+    fit(tmp_path / "run", cfg, corpus)
+    last = torch.load(tmp_path / "run" / runs.LAST, weights_only=True)
+    assert last["progress"]["global_step"] == 17
+    assert last["progress"]["stopped_because"] == "step budget"
+    # The cosine reached zero at the budget: the last logged learning rate is ~0.
+    metrics = runs.read_jsonl(tmp_path / "run" / runs.METRICS)
+    assert metrics[-1]["lr"] < 1e-3 * cfg.train.lr

@@ -83,7 +83,7 @@ class DynamicEvaluation(Method):
             self.rms = rms
             cap = 1.0 / p.decay if p.decay > 0 else float("inf")
             self.decay_rate = [(r / mean).clamp(max=cap) for r in rms]
-        # The update rule rewritten so that one step is three fused passes over the weights:
+        # The update rule rewritten so that one step is two passes over the weights:
         #   w <- w + decay * r (w0 - w) - lr * g * inv  =  keep * w + anchor - lr * g * inv
         # with keep = 1 - decay * r, anchor = decay * r * w0 and inv = 1 / (sqrt(MS) + eps)
         # precomputed here (r = 1 and inv = 1 for sgd).  The textbook form made ~8 passes and
@@ -124,10 +124,10 @@ class DynamicEvaluation(Method):
 
 
 def apply_update(weights, grads, *, lr: float, keep=None, anchor=None, inv=None) -> None:
-    """w <- keep * w + anchor - lr * g * inv, in place, with fused multi-tensor ops."""
+    """w <- keep * w + anchor - lr * g * inv, in place, in two passes over each weight."""
     if keep is not None:
-        torch._foreach_mul_(weights, keep)
-        torch._foreach_add_(weights, anchor)
+        for w, k, a in zip(weights, keep, anchor):  # one pass: w <- anchor + w * keep
+            torch.addcmul(a, w, k, out=w)
     if inv is not None:
         torch._foreach_addcmul_(weights, list(grads), inv, value=-lr)
     else:
