@@ -4,7 +4,8 @@
 
 Around a base point (the calibration note's setting: plain steps, T=1,
 normalised weights, K=256, N=5000) it varies one factor at a time: α,
-normalisation, K, N, T, β, ε and the local optimiser, and also the cache for
+normalisation, K, N, T, β, ε, what the step moves (weight, bias or both) and the
+local optimiser, then some factors together (COMBINED), and the cache for
 reference. Each point is one streaming pass over the first --tokens
 validation tokens; its figure is the best perplexity over the λ grid (λ tuned
 per point, as the paper tunes λ_mbpa). The RMSprop/Adam points need a V×d
@@ -40,7 +41,21 @@ FACTORS = {
     "steps": [2, 5],
     "beta": [0.01, 0.1],
     "eps": [1e-1],
+    "adapt": ["weight", "bias"],
 }
+# Several factors at once: the changes that helped one at a time (larger steps, unnormalised
+# weights, fewer neighbours, a shorter memory) together, and what the step moves.
+COMBINED = [
+    {"normalise": False, "alpha": 0.3}, {"normalise": False, "alpha": 1.0}, {"normalise": False, "alpha": 3.0},
+    {"alpha": 5.0, "adapt": "weight"}, {"alpha": 5.0, "adapt": "bias"}, {"alpha": 20.0, "adapt": "bias"},
+    {"alpha": 50.0, "adapt": "bias"}, {"alpha": 5.0, "k": 32, "memory": 1000},
+    {"alpha": 10.0, "k": 32, "memory": 1000}, {"normalise": False, "alpha": 1.0, "k": 32, "memory": 1000},
+]
+# Round 2, after COMBINED showed that more local steps (K = 32, N = 1000, large alpha) help most.
+LOCAL = [
+    {"alpha": a, "k": k, "memory": n} for n in (500, 1000, 2000) for k in (8, 16, 32, 64) for a in (3.0, 10.0)
+] + [{"alpha": 5.0, "k": 16, "memory": 1000, "steps": 2}, {"alpha": 5.0, "k": 16, "memory": 1000, "adapt": "weight"}]
+
 
 
 def best_over_lambda(base, comp) -> tuple[float, float]:
@@ -55,7 +70,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=20000)
     ap.add_argument("--tokens-slow", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--factors", default=",".join(list(FACTORS) + ["optimizer"]),
+    ap.add_argument("--factors", default=",".join(list(FACTORS) + ["combined", "local", "optimizer"]),
                     help="which factors to vary (T > 1 is slow: (K x K) @ (K x V) per query and step)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,6 +103,8 @@ def main() -> int:
             continue
         for v in values:
             point(f"mbpa {factor}={v}", mbpa={**BASE, factor: v})
+    for combo in (COMBINED if "combined" in factors else []) + (LOCAL if "local" in factors else []):
+        point("mbpa " + " ".join(f"{k}={v}" for k, v in combo.items()), mbpa={**BASE, **combo})
     for opt, lr in [] if "optimizer" not in factors else (("sgd", 1.0), ("rmsprop", 0.001), ("rmsprop", 0.01), ("adam", 0.001), ("adam", 0.01)):
         point(f"mbpa optimizer={opt} α={lr} ({args.tokens_slow} tokens)",
               mbpa={**BASE, "optimizer": opt, "alpha": lr, "k": 64}, tokens=args.tokens_slow)

@@ -40,6 +40,14 @@ GRIDS = {
         "dyneval": {"lr": [0.0005, 0.002, 0.005], "decay": [0.02]},
         "lambda": [0.0, 0.05, 0.1, 0.15, 0.2, 0.3],
     },
+    # After bench/mbpa_ablation.py showed that more local steps help most (small K, short
+    # memory, large alpha; the tuned lambda then sits at the grid's low end).
+    "local": {
+        "mbpa": {"memory": [500, 1000, 5000], "k": [32, 256], "steps": [1], "alpha": [1.0, 3.0, 10.0]},
+        "cache": {"window": [500, 2000], "theta": [0.1, 0.3, 0.6]},
+        "dyneval": {"lr": [0.0005, 0.002, 0.005], "decay": [0.02]},
+        "lambda": [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3],
+    },
     "tiny": {  # a smoke test of the script
         "mbpa": {"memory": [500], "k": [32], "steps": [1], "alpha": [0.5]},
         "cache": {"window": [500], "theta": [0.3]},

@@ -56,6 +56,11 @@ def kernel_weights(sq_dist: Tensor, valid_mask: Tensor, eps: float = 1e-3, norma
     return w
 
 
+# What the local steps of a linear softmax layer move, as the (x.y, 1) coefficients of the
+# kernel k(x, y) = s_w x.y + s_b its rank-K form sums (s_b is the bias's share).
+KERNELS = {"all": (1.0, 1.0), "weight": (1.0, 0.0), "bias": (0.0, 1.0)}
+
+
 # --------------------------------------------------------------------------- linear layer
 def adapted_log_probs_lowrank(
     queries: Tensor,
@@ -74,8 +79,12 @@ def adapted_log_probs_lowrank(
     query_logits: Tensor | None = None,
     nb_sq_dist: Tensor | None = None,
     chunk: int | None = None,
+    adapt: str = "all",
 ) -> Tensor:
     """Log-probabilities (m, V) of a linear softmax layer after T plain MbPA gradient steps.
+
+    ``adapt`` chooses what the local steps move: "all" (W and b, the paper), "weight" (W
+    only) or "bias" (b only). In the kernel below that is k(x, y) = x.y + 1, x.y or 1.
 
     Neighbours come in one of two layouts:
 
@@ -160,9 +169,12 @@ def adapted_log_probs_lowrank(
     if steps == 0 or K == 0 or m == 0:
         return F.log_softmax(base, -1)
     gamma = 1.0 - 2.0 * alpha * beta
+    if adapt not in KERNELS:
+        raise ValueError(f"adapt must be one of {', '.join(KERNELS)}, not {adapt!r}")
+    kern = KERNELS[adapt]
 
     if nb_probs is not None:
-        z = _one_step_probs(q, base, nb_keys, nb_values, nb_probs, nb_index.to(dev), w, alpha, nb_sq_dist)
+        z = _one_step_probs(q, base, nb_keys, nb_values, nb_probs, nb_index.to(dev), w, alpha, kern, nb_sq_dist)
         return F.log_softmax(z, -1)
     if nb_index is not None:
         # Restrict the pool to the entries actually referenced (the memory may be larger).
@@ -174,7 +186,7 @@ def adapted_log_probs_lowrank(
             vals = nb_values[uniq.to(nb_values.device)].to(dev)
             logits = None if nb_logits is None else nb_logits[uniq.to(nb_logits.device)]
         if steps == 1:
-            delta = _one_step_pool(q, keys, vals, logits, inv, w, W, b, alpha)
+            delta = _one_step_pool(q, keys, vals, logits, inv, w, W, b, alpha, kern)
             return F.log_softmax(base + delta, -1)
         if logits is None and keys.shape[0] * V <= _POOL_BUDGET:
             logits = F.linear(keys, W, b)  # once per distinct neighbour, not per query
@@ -195,7 +207,7 @@ def adapted_log_probs_lowrank(
     for s in range(0, m, chunk):
         e = min(m, s + chunk)
         k, y, z = gather(s, e)
-        delta[s:e] = _steps_chunk(q[s:e], k, y, w[s:e], z, alpha, gamma, steps)
+        delta[s:e] = _steps_chunk(q[s:e], k, y, w[s:e], z, alpha, gamma, steps, kern)
     return F.log_softmax(base + delta, -1)
 
 
@@ -215,7 +227,7 @@ def _compact(index: Tensor, U: int):
     return uniq, new_id[index]
 
 
-def _steps_chunk(q, keys, vals, w, z, alpha, gamma, steps):
+def _steps_chunk(q, keys, vals, w, z, alpha, gamma, steps, kern=(1.0, 1.0)):
     """Query logit shifts (c, V) after ``steps`` plain steps, per-query neighbours (c, K, .)."""
     pad = w == 0
     if bool(pad.any()):  # padding keys/logits may hold anything: make them finite
@@ -223,8 +235,9 @@ def _steps_chunk(q, keys, vals, w, z, alpha, gamma, steps):
         z = z.masked_fill(pad[..., None], 0)
     # The weights w_k multiply r_k = w_k (p_k - e_{v_k}) everywhere r_k is used, so they are
     # folded into the columns of the two kernels instead of into the (c, K, V) residuals.
-    gram_w = (keys @ keys.transpose(1, 2) + 1) * w[:, None, :]  # G~_{jk} w_k, (c, K, K)
-    cq_w = ((keys @ q[:, :, None]).squeeze(-1) + 1) * w  # (h_k.q + 1) w_k, (c, K)
+    sw, sb = kern
+    gram_w = (keys @ keys.transpose(1, 2) * sw + sb) * w[:, None, :]  # G~_{jk} w_k, (c, K, K)
+    cq_w = ((keys @ q[:, :, None]).squeeze(-1) * sw + sb) * w  # (h_k.q + 1) w_k, (c, K)
     u = torch.zeros(q.shape[0], z.shape[-1], dtype=q.dtype, device=q.device)
     ones = torch.ones(vals.shape + (1,), dtype=q.dtype, device=q.device)
     logits = z  # current neighbour logits z_k + (G~ a)_k; replaced before any in-place update
@@ -242,7 +255,7 @@ def _steps_chunk(q, keys, vals, w, z, alpha, gamma, steps):
     return u
 
 
-def _one_step_pool(q, keys, vals, logits, inv, w, W, b, alpha):
+def _one_step_pool(q, keys, vals, logits, inv, w, W, b, alpha, kern=(1.0, 1.0)):
     """T = 1 in the pool layout: Delta z(q) = -alpha sum_k c_k (p_{u_k} - e_{v_k}).
 
     c_k = w_k (h_k.q + 1); p_u are the base probabilities of the U distinct entries, built
@@ -257,7 +270,8 @@ def _one_step_pool(q, keys, vals, logits, inv, w, W, b, alpha):
     coef = torch.empty_like(w)
     step = max(1, _BUDGET // U)  # bounds the (queries x U) dot-product matrix
     for s in range(0, m, step):
-        coef[s : s + step] = w[s : s + step] * ((q[s : s + step] @ keys.T).gather(1, inv[s : s + step]) + 1)
+        dots = (q[s : s + step] @ keys.T).gather(1, inv[s : s + step])
+        coef[s : s + step] = w[s : s + step] * (dots * kern[0] + kern[1])
     # the -e_{v_k} part lands on the label column of each neighbour
     delta = torch.zeros(m, V, dtype=dt, device=q.device).scatter_add_(1, vals[inv], -coef)
 
@@ -282,7 +296,7 @@ def _one_step_pool(q, keys, vals, logits, inv, w, W, b, alpha):
     return delta.mul_(-alpha)
 
 
-def _one_step_probs(q, base, keys, vals, probs, index, w, alpha, sq_dist=None):
+def _one_step_probs(q, base, keys, vals, probs, index, w, alpha, kern=(1.0, 1.0), sq_dist=None):
     """T = 1 from stored base probabilities: adapted logits z(q) + Delta z(q), where
     Delta z(q) = -alpha sum_k c_k (p_{u_k} - e_{v_k}) and c_k = w_k (h_k.q + 1).
 
@@ -304,13 +318,13 @@ def _one_step_probs(q, base, keys, vals, probs, index, w, alpha, sq_dist=None):
         k_sq = (keys * keys).sum(1)[index]
         dots = (k_sq + (q * q).sum(1, keepdim=True) - sq_dist.to(dev, dt)) * 0.5
         # padding entries (weight 0) may carry an infinite distance: keep them at 0
-        coef = torch.where(w != 0, (dots + 1) * w, torch.zeros((), dtype=dt, device=dev))
+        coef = torch.where(w != 0, (dots * kern[0] + kern[1]) * w, torch.zeros((), dtype=dt, device=dev))
     else:
         coef = torch.empty(m, K, dtype=dt, device=dev)
         step = max(1, _BUDGET // max(1, U))  # bounds the (queries x U) product
         for s in range(0, m, step):
             e = min(m, s + step)
-            coef[s:e] = (q[s:e] @ keys.T).gather(1, index[s:e]).add_(1).mul_(w[s:e])
+            coef[s:e] = (q[s:e] @ keys.T).gather(1, index[s:e]).mul_(kern[0]).add_(kern[1]).mul_(w[s:e])
     probs = probs.to(dev)
     stored = probs.dim() == 3
     if stored:
@@ -355,6 +369,7 @@ class LinearMbPA:
     normalise: bool = True
     logits_extra: str | None = None
     probs_extra: str | None = None
+    adapt: str = "all"
 
     def log_probs(self, queries: Tensor, memory, *, window=None, query_logits: Tensor | None = None) -> Tensor:
         sq, idx, valid = memory.knn(queries, self.k, window=window)
@@ -368,6 +383,7 @@ class LinearMbPA:
             queries, memory.keys, memory.values, w, self.weight, self.bias,
             alpha=self.alpha, steps=self.steps, beta=self.beta, nb_logits=logits, nb_index=idx,
             nb_probs=probs, query_logits=query_logits, nb_sq_dist=sq if probs is not None else None,
+            adapt=self.adapt,
         )
 
 
@@ -387,6 +403,7 @@ def functional_mbpa(
     eps: float = 1e-8,
     betas: tuple[float, float] = (0.9, 0.999),
     chunk: int | None = None,
+    trainable: set[str] | None = None,
 ) -> Tensor:
     """MbPA for an arbitrary output network ``module`` (inputs -> logits); returns (m, V) log-probs.
 
@@ -396,10 +413,12 @@ def functional_mbpa(
     and update formulas, written out below) on the weighted NLL plus beta ||theta_x - theta||^2.
     Queries are processed ``chunk`` at a time with vmap, so memory is chunk x (a few copies
     of the parameters); the module must behave identically per sample (eval mode).
+    ``trainable``: names of the parameters the steps move (None: all).
     """
     if optimizer not in ("sgd", "rmsprop", "adam"):
         raise ValueError(f"optimizer must be 'sgd', 'rmsprop' or 'adam', not {optimizer!r}")
     theta = {n: p.detach() for n, p in module.named_parameters()}
+    moving = set(theta) if trainable is None else set(trainable)
     buffers = {n: t.detach() for n, t in module.named_buffers()}
     b1, b2 = betas
 
@@ -416,6 +435,8 @@ def functional_mbpa(
         for t in range(1, steps + 1):
             g = nll_grad(p, x, y, w)
             for n in p:
+                if n not in moving:
+                    continue
                 gn = g[n] + 2.0 * beta * (p[n] - theta[n]) if beta else g[n]  # prior gradient
                 if optimizer == "sgd":
                     p[n] = p[n] - lr * gn
@@ -453,6 +474,7 @@ def naive_mbpa(
     lr: float,
     beta: float = 0.0,
     optimizer: str = "sgd",
+    trainable: set[str] | None = None,
     **opt_kwargs,
 ) -> Tensor:
     """Reference MbPA: per query, deep-copy ``module`` and run ``torch.optim`` on the loss.
@@ -464,7 +486,7 @@ def naive_mbpa(
     with torch.enable_grad():
         for i in range(queries.shape[0]):
             local = copy.deepcopy(module)
-            params = list(local.parameters())
+            params = [p for n, p in local.named_parameters() if trainable is None or n in trainable]
             theta = [p.detach().clone() for p in params]
             opt = opt_cls(params, lr=lr, **opt_kwargs)
             for _ in range(steps):

@@ -234,3 +234,36 @@ def test_linear_mbpa_with_memory_matches_naive(steps):
                 refs.append(naive_mbpa(lin, q[i : i + 1], keys[sel][None], vals[sel][None], wi[None],
                                        steps=steps, lr=0.6, beta=0.1)[0])
         torch.testing.assert_close(out.exp(), torch.stack(refs).exp(), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("part", ["weight", "bias"])
+@pytest.mark.parametrize("steps, beta", [(1, 0.0), (3, 0.1)])
+def test_lowrank_adapting_only_the_weight_or_the_bias_matches_naive(part, steps, beta):
+    # adapt="weight"/"bias" keeps only the x.y / the 1 of the kernel x.y + 1: the same as
+    # running torch.optim on that parameter alone.
+    lin, pool, pool_y, q, idx, w = _problem(40 + steps, normalise=False)
+    with torch.no_grad():
+        ref = naive_mbpa(lin, q, pool[idx], pool_y[idx], w, steps=steps, lr=0.7, beta=beta, trainable={part})
+        full = naive_mbpa(lin, q, pool[idx], pool_y[idx], w, steps=steps, lr=0.7, beta=beta)
+    _assert_adapted(ref, lin, q)
+    assert (ref.exp() - full.exp()).abs().max() > 1e-3  # freezing the other part matters
+    W, b = lin.weight.detach(), lin.bias.detach()
+    z_pool = F.linear(pool, W, b)
+    kw = dict(alpha=0.7, steps=steps, beta=beta, adapt=part)
+    outs = {
+        "pool": adapted_log_probs_lowrank(q, pool, pool_y, w, W, b, nb_index=idx, **kw),
+        "pool+logits": adapted_log_probs_lowrank(q, pool, pool_y, w, W, b, nb_index=idx, nb_logits=z_pool, **kw),
+        "per-query": adapted_log_probs_lowrank(q, pool[idx], pool_y[idx], w, W, b, **kw),
+        "functional": functional_mbpa(lin, q, pool[idx], pool_y[idx], w, steps=steps, lr=0.7, beta=beta,
+                                      trainable={part}),
+    }
+    if steps == 1:
+        sq = ((pool[idx] - q[:, None]) ** 2).sum(-1)
+        probs = F.softmax(z_pool, -1)
+        outs["probs"] = adapted_log_probs_lowrank(q, pool, pool_y, w, W, b, nb_index=idx, nb_probs=probs, **kw)
+        outs["probs+sq"] = adapted_log_probs_lowrank(q, pool, pool_y, w, W, b, nb_index=idx, nb_probs=probs,
+                                                     nb_sq_dist=sq, **kw)
+    for name, out in outs.items():
+        torch.testing.assert_close(_probs(out), _probs(ref), atol=ATOL, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="adapt must be"):
+        adapted_log_probs_lowrank(q, pool, pool_y, w, W, b, nb_index=idx, alpha=0.7, adapt="both")

@@ -244,6 +244,8 @@ def test_not_found_lists_places_tried(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     empty = tmp_path / "empty"
     empty.mkdir()
+    import datasets  # noqa: F401  (imported first: the timing below is the lookup, not the import,
+    #                   which alone took > 10 s on a loaded 2-core machine)
     start = time.perf_counter()
     with pytest.raises(LmadaptError) as e:
         load_corpus("ptb", data_dir=str(empty))

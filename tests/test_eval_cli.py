@@ -122,6 +122,7 @@ def test_frequency_buckets_are_balanced_and_ordered():
     (["--method", "mbpa", "--mbpa-k", "600", "--mbpa-memory", "500"], "larger than its memory"),
     (["--method", "mbpa", "--mbpa-k", "0"], "k >= 1"),
     (["--method", "mbpa", "--mbpa-k", "abc"], "expects a int"),
+    (["--method", "mbpa", "--mbpa-adapt", "both"], "mbpa adapt must be one of all, weight, bias"),
 ])
 def test_eval_bad_input(trained, tmp_path, capsys, args, message):
     root, _, _ = trained

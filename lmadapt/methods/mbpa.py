@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmadapt.adapt import LinearMbPA, functional_mbpa, kernel_weights
+from lmadapt.adapt import KERNELS, LinearMbPA, functional_mbpa, kernel_weights
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import Method, Segment
 
@@ -48,6 +48,7 @@ class MbPAParams:
     normalise: bool = True  # kernel weights sum to 1
     optimizer: str = "sgd"  # sgd (exact rank-K path) | rmsprop | adam (torch.func path)
     store: str = "float32"  # dtype of the stored neighbour probabilities (T=1): float32 | float16 | bfloat16
+    adapt: str = "all"      # what the local steps move: all (W and b, the paper) | weight | bias
 
 
 _STORE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -75,6 +76,8 @@ class MbPA(Method):
             raise LmadaptError(f"mbpa k={p.k} is larger than its memory N={p.memory}")
         if p.optimizer not in ("sgd", "rmsprop", "adam"):
             raise LmadaptError(f"mbpa optimizer must be sgd, rmsprop or adam, got {p.optimizer!r}")
+        if p.adapt not in KERNELS:
+            raise LmadaptError(f"mbpa adapt must be one of {', '.join(KERNELS)}, got {p.adapt!r}")
         if p.store not in _STORE:
             raise LmadaptError(f"mbpa store must be one of {', '.join(_STORE)}, got {p.store!r}")
 
@@ -100,7 +103,7 @@ class MbPA(Method):
         p = self.params
         self.local = LinearMbPA(self.decoder.weight.detach(), self.decoder.bias.detach(), k=p.k, alpha=p.alpha,
                                 steps=p.steps, beta=p.beta, eps=p.eps, normalise=p.normalise,
-                                logits_extra="log_probs", probs_extra="probs")
+                                logits_extra="log_probs", probs_extra="probs", adapt=p.adapt)
 
     def target_log_probs(self, seg: Segment):
         t = seg.positions
@@ -115,7 +118,8 @@ class MbPA(Method):
             w = kernel_weights(sq, valid, p.eps, p.normalise)
             log_probs = functional_mbpa(
                 self.decoder, seg.hidden, self.memory.keys[idx], self.memory.values[idx], w,
-                steps=p.steps, lr=p.alpha, beta=p.beta, optimizer=p.optimizer)
+                steps=p.steps, lr=p.alpha, beta=p.beta, optimizer=p.optimizer,
+                trainable={"all": None, "weight": {"weight"}, "bias": {"bias"}}[p.adapt])
         log_p = log_probs.gather(1, seg.targets.unsqueeze(1)).squeeze(1)
         # Rows with no neighbour yet come back unadapted (= the base model): no need to
         # mark them unavailable, mixing them in changes nothing.
