@@ -89,6 +89,7 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(ORDER[1:]))
     ap.add_argument("--eval-splits", default="valid,test",
                     help="splits scored with the tuned settings (test only saves the long WT2 valid passes)")
+    ap.add_argument("--dyneval-lrs", default=None, help="dyneval learning rates to tune over, e.g. 0.0001,0.0002")
     ap.add_argument("--dyneval-segment", type=int, default=None,
                     help="dyneval's L for tuning and evaluation (default: the method's, 5)")
     args = ap.parse_args()
@@ -99,6 +100,8 @@ def main() -> int:
     grid = {k: dict(v) if isinstance(v, dict) else v for k, v in GRIDS[args.grid_size].items()}
     if args.dyneval_segment:
         grid["dyneval"]["segment"] = [args.dyneval_segment]
+    if args.dyneval_lrs:
+        grid["dyneval"]["lr"] = [float(v) for v in args.dyneval_lrs.split(",")]
     eval_splits = args.eval_splits.split(",")
     wanted = set(args.methods.split(","))
     tuned: dict[str, dict] = {}
