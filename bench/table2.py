@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lmadapt import runs  # noqa: E402
-from lmadapt.evaluate import TOKENS_FORMAT, build_methods, load_for_eval, save_tokens  # noqa: E402
+from lmadapt.evaluate import build_methods, load_for_eval, save_tokens, tokens_record  # noqa: E402
 from lmadapt.methods import parse_combination  # noqa: E402
 from lmadapt.mix import mix_log_probs, perplexity  # noqa: E402
 from lmadapt.report import bucket_report, plot_png, to_markdown  # noqa: E402
@@ -179,10 +179,7 @@ def main() -> int:
         if split == "test" and "mbpa+cache" in mixed and "cache" in mixed:
             # The paper's Fig. 8: per-frequency-bucket gain of mbpa+cache over the cache,
             # each with its own tuned setting.
-            base = baselines[split].base
-            tokens = {"format": TOKENS_FORMAT, "version": 1, "split": split, "targets": baselines[split].targets,
-                      "train_counts": corpus.train_counts(), "lambdas": tuned["mbpa+cache"]["lambdas"],
-                      "columns": {"lstm": base}, "methods": {"lstm": base}}
+            tokens = tokens_record(split, baselines[split], corpus, tuned["mbpa+cache"]["lambdas"])
             for key, log_p in mixed.items():
                 if "dyneval" not in key:
                     tokens["methods"][key] = log_p

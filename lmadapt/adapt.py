@@ -237,7 +237,7 @@ def _steps_chunk(q, keys, vals, w, z, alpha, gamma, steps, kern=(1.0, 1.0)):
     # folded into the columns of the two kernels instead of into the (c, K, V) residuals.
     sw, sb = kern
     gram_w = (keys @ keys.transpose(1, 2) * sw + sb) * w[:, None, :]  # G~_{jk} w_k, (c, K, K)
-    cq_w = ((keys @ q[:, :, None]).squeeze(-1) * sw + sb) * w  # (h_k.q + 1) w_k, (c, K)
+    cq_w = ((keys @ q[:, :, None]).squeeze(-1) * sw + sb) * w  # (s_w h_k.q + s_b) w_k, (c, K)
     u = torch.zeros(q.shape[0], z.shape[-1], dtype=q.dtype, device=q.device)
     ones = torch.ones(vals.shape + (1,), dtype=q.dtype, device=q.device)
     logits = z  # current neighbour logits z_k + (G~ a)_k; replaced before any in-place update
@@ -258,7 +258,7 @@ def _steps_chunk(q, keys, vals, w, z, alpha, gamma, steps, kern=(1.0, 1.0)):
 def _one_step_pool(q, keys, vals, logits, inv, w, W, b, alpha, kern=(1.0, 1.0)):
     """T = 1 in the pool layout: Delta z(q) = -alpha sum_k c_k (p_{u_k} - e_{v_k}).
 
-    c_k = w_k (h_k.q + 1); p_u are the base probabilities of the U distinct entries, built
+    c_k = w_k (s_w h_k.q + s_b) (1 and 1 unless only W or b adapts); p_u are the base probabilities of the U distinct entries, built
     once per call.  The weighted sum of K rows of P per query is F.embedding_bag (a fused
     gather + weighted sum, memory bound); it measured faster than a dense (m x U) @ (U x V)
     product (which multiplies U - K zeros per row) and than torch.sparse CSR/COO products.
@@ -298,7 +298,7 @@ def _one_step_pool(q, keys, vals, logits, inv, w, W, b, alpha, kern=(1.0, 1.0)):
 
 def _one_step_probs(q, base, keys, vals, probs, index, w, alpha, kern=(1.0, 1.0), sq_dist=None):
     """T = 1 from stored base probabilities: adapted logits z(q) + Delta z(q), where
-    Delta z(q) = -alpha sum_k c_k (p_{u_k} - e_{v_k}) and c_k = w_k (h_k.q + 1).
+    Delta z(q) = -alpha sum_k c_k (p_{u_k} - e_{v_k}) and c_k = w_k (s_w h_k.q + s_b).
 
     h_k.q comes from the squared distances when given, else from one (m x U) product (a
     GEMM: measured 3x faster than gathering the m K keys for K dot products per query).

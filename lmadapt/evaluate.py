@@ -90,6 +90,13 @@ def _entry(result: StreamResult, log_probs) -> dict:
             "seconds": result.seconds}
 
 
+def tokens_record(split: str, baseline: StreamResult, corpus, lambdas: dict[str, float]) -> dict:
+    """An empty per-token record (the --save-tokens format) holding the base model's column."""
+    return {"format": TOKENS_FORMAT, "version": 1, "split": split, "targets": baseline.targets,
+            "train_counts": corpus.train_counts(), "columns": {BASE: baseline.base}, "lambdas": lambdas,
+            "methods": {BASE: baseline.base}}
+
+
 def evaluate_run(model, corpus, split: str, method: str, params: dict[str, dict] | None = None,
                  lambdas: dict[str, float] | None = None, *, device="cpu", segment_len: int | None = None,
                  memory_index: str = "auto", baseline: StreamResult | None = None) -> tuple[dict, dict]:
@@ -103,9 +110,7 @@ def evaluate_run(model, corpus, split: str, method: str, params: dict[str, dict]
                                desc=f"{split} lstm")
     combo = combination_name(names)
     report = {"split": split, "tokens": baseline.tokens, "methods": {BASE: _entry(baseline, baseline.base)}}
-    tokens = {"format": TOKENS_FORMAT, "version": 1, "split": split, "targets": baseline.targets,
-              "train_counts": corpus.train_counts(), "columns": {BASE: baseline.base}, "lambdas": lam,
-              "methods": {BASE: baseline.base}}
+    tokens = tokens_record(split, baseline, corpus, lam)
     if names:
         result = stream_eval(model, stream, methods, lam, corpus=corpus, device=device, segment_len=segment_len,
                              memory_index=memory_index, desc=f"{split} {combo}")
