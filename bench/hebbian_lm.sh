@@ -8,10 +8,13 @@
 # test with lstm, cache, mbpa and mbpa+cache (settings from EVAL_CONFIG_JSON, e.g. the
 # `lmadapt tune` output of bench/table2.py, else the defaults), and writes per-bucket
 # reports hebbian vs plain to bench/out/hebbian-RECIPE/.
+# Env: LMADAPT_THREADS (default 2); HEBBIAN_SET extra --set flags (e.g. another gamma/T)
+# with HEBBIAN_TAG a suffix for the run and report folders so that runs do not collide.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data_dir="$1"; recipe="$2"; config="${3:-}"
-plain="bench/out/$recipe"; heb="bench/out/$recipe-hebbian"; out="bench/out/hebbian-$recipe"
+plain="bench/out/$recipe"; tag="${HEBBIAN_TAG:-}"
+heb="bench/out/$recipe-hebbian$tag"; out="bench/out/hebbian-$recipe$tag"
 threads="${LMADAPT_THREADS:-2}"
 [ -f "$plain/results.json" ] || { echo "train the plain run first: bench/train.sh $data_dir $recipe"; exit 2; }
 mkdir -p "$out"
@@ -30,5 +33,5 @@ for run in "$plain" "$heb"; do
 done
 for m in lstm lstm+cache lstm+mbpa+cache; do
   lmadapt report "$out/$recipe-test-tokens.pt" --baseline "$m" --method "$m" \
-    --method-tokens "$out/$recipe-hebbian-test-tokens.pt" --out "$out/buckets-$m.md"
+    --method-tokens "$out/$recipe-hebbian$tag-test-tokens.pt" --out "$out/buckets-$m.md"
 done
