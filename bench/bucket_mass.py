@@ -21,6 +21,7 @@ import torch
 from lmadapt.errors import LmadaptError
 from lmadapt.evaluate import load_for_eval
 from lmadapt.report import frequency_buckets
+from lmadapt.train import batchify
 
 
 def type_buckets(targets: torch.Tensor, train_counts: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -45,8 +46,7 @@ def bucket_mass(model, stream: torch.Tensor, type_bucket: torch.Tensor, buckets:
     state of a row starts empty once; the mass figures are about the output layer, not
     about long-range context."""
     model.eval()
-    n = (stream.numel() - 1) // rows * rows
-    inputs = stream[:n].view(rows, -1)
+    inputs = batchify(stream[:-1], rows)  # the inputs of every position that has a target
     onehot = torch.nn.functional.one_hot(type_bucket, buckets).float()  # (V, B)
     total, count, state = torch.zeros(buckets), 0, None
     for start in range(0, inputs.size(1), bptt):
