@@ -7,17 +7,17 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from lmadapt import runs
 from lmadapt.errors import LmadaptError
-
-RUN_FILES = (runs.CONFIG, runs.VOCAB, runs.SPM, runs.BEST, runs.LAST, runs.METRICS, runs.RESULTS)
-
+from lmadapt.params import NON_NEGATIVE, PROBABILITY, arg, at_least, check_number, to_float
 
 class _Parser(argparse.ArgumentParser):
     """argparse exits with code 2 on bad arguments already; keep its message to one line."""
@@ -26,59 +26,125 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"lmadapt: error: {message}\n")
 
 
+DEVICES = "cpu, cuda, cuda:N, mps or auto"
+
+
 def _device(name: str):
     import torch
 
+    kind, _, index = name.partition(":")
+    if name != "auto" and (kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit())
+                           or (kind != "cuda" and index)):
+        raise LmadaptError(f"unknown --device {name!r}; use {DEVICES}")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LmadaptError("--device cuda requested but no CUDA device is available")
-    if name.startswith("cuda") and "LOCAL_RANK" in os.environ and ":" not in name:
-        return f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun process
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise LmadaptError("--device cuda requested but no CUDA device is available")
+        if index and int(index) >= torch.cuda.device_count():
+            raise LmadaptError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        if "LOCAL_RANK" in os.environ and not index:
+            return f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun process
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise LmadaptError("--device mps requested but MPS is not available")
     return name
 
 
-def _check_run_dir_free(out: Path, force: bool) -> None:
-    existing = [name for name in RUN_FILES if (out / name).exists()]
-    if not existing:
-        return
-    if not force:
-        what = "a finished run" if runs.RESULTS in existing else "an unfinished run"
-        raise LmadaptError(f"{out} already holds {what}; use --resume to continue it or --force to start over")
+def _threads(n: int) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def _existing_run_files(out: Path) -> list[str]:
+    return [name for name in runs.RUN_FILES if (out / name).exists()]
+
+
+def _clear_aborted_start(out: Path) -> bool:
+    """A run directory whose training died before its first checkpoint holds only the files
+    written at the start (config, vocabulary, empty metrics): nothing worth keeping. Remove
+    them, so that a rerun starts cleanly instead of being refused. True if it did."""
+    existing = _existing_run_files(out)
+    if not existing or runs.LAST in existing or runs.BEST in existing:
+        return False
     for name in existing:
         (out / name).unlink()
+    print(f"{out} held an aborted start (no checkpoint was written); starting over", file=sys.stderr)
+    return True
+
+
+class _ReplacedRun:
+    """--force: the old run is moved aside, not deleted, until the new run has written its
+    first checkpoint; if the new run fails before that, the old one is put back."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.backup = out / ".lmadapt-replaced"
+        self.moved: list[str] = []
+
+    def move_aside(self) -> None:
+        if self.backup.exists():  # left by a crash during an earlier --force: restore it first
+            self.moved = [p.name for p in self.backup.iterdir()]
+            self.restore()
+        self.backup.mkdir()
+        for name in _existing_run_files(self.out):
+            os.replace(self.out / name, self.backup / name)
+            self.moved.append(name)
+
+    def commit(self) -> None:
+        if self.backup.exists():
+            shutil.rmtree(self.backup)
+        self.moved = []
+
+    def restore(self) -> None:
+        if not self.backup.exists():
+            return
+        for name in _existing_run_files(self.out):
+            (self.out / name).unlink()
+        for name in self.moved:
+            os.replace(self.backup / name, self.out / name)
+        shutil.rmtree(self.backup)
+        self.moved = []
 
 
 def cmd_train(args) -> int:
-    import torch
-
     from lmadapt.config import RunConfig, apply_overrides, load_recipe
-    from lmadapt.corpus import Vocab, load_corpus
+    from lmadapt.corpus import Vocab, absolute_source, load_corpus
     from lmadapt.train import fit
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _threads(args.threads)
     device = _device(args.device)
     main_rank = os.environ.get("RANK", "0") == "0"
 
+    # Everything is validated (settings, output place, corpus) before anything is written.
     if args.resume:
         if args.out is None:
             raise LmadaptError("--resume needs --out RUN_DIR")
         if args.recipe or args.data:
             raise LmadaptError("--resume continues with the run's own config.json; drop --recipe/--data")
+        if args.force:
+            raise LmadaptError("--resume and --force contradict each other; choose one")
         out = Path(args.out)
         if (out / runs.RESULTS).is_file():
             print(f"{out} is already finished:", json.dumps(runs.read_json(out / runs.RESULTS), indent=2))
             return 0
-        if not (out / runs.LAST).is_file():
-            raise LmadaptError(f"nothing to resume: {out / runs.LAST} not found")
+        if not (out / runs.CONFIG).is_file():
+            raise LmadaptError(f"nothing to resume: {out / runs.CONFIG} not found")
         meta = runs.read_json(out / runs.CONFIG)
-        cfg = RunConfig.from_dict(meta)
+        cfg = RunConfig.from_dict(meta, source=str(out / runs.CONFIG))
         apply_overrides(cfg, args.set)
+        cfg.model.validate()
         vocab = Vocab.from_dict(runs.read_json(out / runs.VOCAB))
         spm = (out / runs.SPM).read_bytes() if (out / runs.SPM).is_file() else None
         corpus = load_corpus(cfg.data.name, cfg.data.data_dir, tokenizer=cfg.data.tokenizer,
                              spm_vocab_size=cfg.data.spm_vocab_size, vocab=vocab, spm_model=spm)
+        recorded = meta.get("corpus", {}).get("sha256")
+        if recorded and recorded != corpus.checksums():
+            changed = next(s for s in recorded if recorded[s] != corpus.checksums().get(s))
+            raise LmadaptError(f"the {changed} split of corpus {cfg.data.name!r} is not the text {out} was "
+                               f"trained on (its checksum differs); cannot resume")
+        runs.check_writable_dir(out, "--out")
     else:
         cfg = load_recipe(args.recipe) if args.recipe else RunConfig()
         if args.data:
@@ -87,10 +153,16 @@ def cmd_train(args) -> int:
             cfg.data.data_dir = args.data_dir
         apply_overrides(cfg, args.set)
         cfg.model.validate()
+        cfg.data.name, cfg.data.data_dir = absolute_source(cfg.data.name, cfg.data.data_dir)
         label = Path(cfg.data.name).name or "run"
         out = Path(args.out) if args.out else Path("runs") / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if main_rank:
-            _check_run_dir_free(out, args.force)
+        if out.exists() and not out.is_dir():
+            raise LmadaptError(f"--out {out} exists and is not a directory")
+        runs.check_writable_dir(out, "--out")
+        if main_rank and not args.force and _existing_run_files(out) and (
+                runs.LAST in _existing_run_files(out) or runs.BEST in _existing_run_files(out)):
+            what = "a finished run" if (out / runs.RESULTS).exists() else "an unfinished run"
+            raise LmadaptError(f"{out} already holds {what}; use --resume to continue it or --force to start over")
         corpus = load_corpus(cfg.data.name, cfg.data.data_dir, tokenizer=cfg.data.tokenizer,
                              spm_vocab_size=cfg.data.spm_vocab_size)
 
@@ -98,11 +170,33 @@ def cmd_train(args) -> int:
         sizes = ", ".join(f"{s} {corpus.split(s).numel():,}" for s in ("train", "valid", "test"))
         print(f"corpus {corpus.name}: vocab {len(corpus.vocab):,}; tokens {sizes}", file=sys.stderr)
         print(f"run directory: {out}", file=sys.stderr)
-    results = fit(out, cfg, corpus, device=device, resume=args.resume)
+    lock = runs.locked(out) if main_rank else contextlib.nullcontext()
+    with lock:
+        resume = args.resume
+        replaced = _ReplacedRun(out)
+        if main_rank and not resume:
+            if args.force:
+                replaced.move_aside()
+            elif _existing_run_files(out):
+                # Checked again under the lock: another process may have started meanwhile.
+                if not _clear_aborted_start(out):
+                    raise LmadaptError(f"{out} already holds a run; use --resume or --force")
+        if resume and not (out / runs.LAST).is_file():
+            # Died before its first checkpoint: nothing to continue; start over with its config.
+            _clear_aborted_start(out)
+            resume = False
+        try:
+            results = fit(out, cfg, corpus, device=device, resume=resume, on_checkpoint=replaced.commit)
+        except BaseException:
+            if replaced.moved:
+                replaced.restore()
+                print(f"lmadapt: the new run failed before its first checkpoint; the previous run in {out} "
+                      f"was put back", file=sys.stderr)
+            raise
     if results is not None:
         print(f"valid ppl {results['valid_ppl']:.2f}  test ppl {results['test_ppl']:.2f}  "
               f"train {results['train_seconds'] / 60:.1f} min at {results['tokens_per_second']:.0f} tokens/s  "
-              f"({results['stopped_because']})")
+              f"({results['stopped_because']}; precision {results['precision']})")
         print(f"wrote {out / runs.RESULTS}")
     return 0
 
@@ -120,15 +214,39 @@ def _method_flags(parser) -> None:
             group.add_argument(f"--{name}-{f.name.replace('_', '-')}", dest=f"m__{name}__{f.name}", default=None,
                                metavar=type(default).__name__.upper(), help=f"default {default}")
         if not cls.adapts_model:
-            group.add_argument(f"--lambda-{name}", dest=f"lambda__{name}", type=float, default=None,
-                               help="mixture weight")
+            group.add_argument(f"--lambda-{name}", dest=f"lambda__{name}", type=arg(float, PROBABILITY),
+                               default=None, help="mixture weight in [0, 1]")
+
+
+def _read_settings(path: str) -> dict:
+    """A --config file: {"method": str, "params": {method: {name: value}}, "lambdas": {method: number}}."""
+    config = runs.read_json(Path(path))
+    if not isinstance(config, dict):
+        raise LmadaptError(f"--config {path} must hold a JSON object (method, params, lambdas), "
+                           f"not a {type(config).__name__}")
+    if not isinstance(config.get("method", ""), str):
+        raise LmadaptError(f"--config {path}: 'method' must be a string such as \"mbpa+cache\"")
+    params = config.get("params", {})
+    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise LmadaptError(f"--config {path}: 'params' must map method names to objects of settings")
+    lambdas = config.get("lambdas", {})
+    if not isinstance(lambdas, dict):
+        raise LmadaptError(f"--config {path}: 'lambdas' must map method names to numbers")
+    for name, value in lambdas.items():
+        check_number(f"--config lambdas.{name}", to_float(value, f"--config lambdas.{name}"), PROBABILITY)
+    return config
 
 
 def _method_settings(args, config: dict) -> tuple[str, dict, dict]:
     """Method, per-method params and lambdas: --config file first, explicit flags over it."""
+    from lmadapt.methods import REGISTRY
+
     method = args.method or config.get("method") or "lstm"
     params = {k: dict(v) for k, v in config.get("params", {}).items()}
-    lambdas = dict(config.get("lambdas", {}))
+    lambdas = {k: float(v) for k, v in config.get("lambdas", {}).items()}
+    for name in [*params, *lambdas]:
+        if name not in REGISTRY:
+            raise LmadaptError(f"--config names unknown method {name!r}; valid: {', '.join(REGISTRY)}")
     for key, value in vars(args).items():
         if value is None:
             continue
@@ -140,61 +258,66 @@ def _method_settings(args, config: dict) -> tuple[str, dict, dict]:
     return method, params, lambdas
 
 
-def cmd_eval(args) -> int:
-    import torch
+def _outputs_lock(paths: list[Path | None]):
+    """Outputs written into a run directory take that run's lock (one writer at a time)."""
+    folders = {p.parent.resolve() for p in paths if p is not None and runs.is_run_dir(p.parent)}
+    stack = contextlib.ExitStack()
+    for folder in sorted(folders):
+        stack.enter_context(runs.locked(folder))
+    return stack
 
-    from lmadapt.evaluate import evaluate_run, format_table, load_for_eval, save_tokens
+
+def cmd_eval(args) -> int:
+    from lmadapt.evaluate import build_methods, evaluate_run, format_table, load_for_eval, mixture_lambdas, save_tokens
     from lmadapt.methods import parse_combination
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = runs.read_json(Path(args.config)) if args.config else {}
+    _threads(args.threads)
+    config = _read_settings(args.config) if args.config else {}
     method, params, lambdas = _method_settings(args, config)
-    parse_combination(method)  # fail on a bad name before loading anything
-    if args.segment is not None and args.segment < 1:
-        raise LmadaptError(f"--segment must be >= 1, got {args.segment}")
+    names = parse_combination(method)  # fail on a bad name before loading anything
+    # Build and validate the methods (ranges, λ, K vs N, ...) and the outputs before the long pass.
+    build_methods(names, params)
+    mixture_lambdas(names, lambdas)
+    json_out = runs.check_output(args.json, "--json", overwrite=args.overwrite)
+    tokens_out = runs.check_output(args.save_tokens, "--save-tokens", overwrite=args.overwrite)
+    if json_out is not None and tokens_out is not None and json_out.resolve() == tokens_out.resolve():
+        raise LmadaptError("--json and --save-tokens name the same file")
     device = _device(args.device)
-    model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
-    # Build and validate the methods (λ, K vs N, ...) before the long pass.
-    from lmadapt.evaluate import build_methods, mixture_lambdas
-
-    build_methods(parse_combination(method), params)
-    mixture_lambdas(parse_combination(method), lambdas)
-    report, tokens = evaluate_run(model, corpus, args.split, method, params, lambdas, device=device,
-                                  segment_len=args.segment)
-    report["run_dir"] = str(args.run_dir)
-    print(format_table(report))
-    if args.json:
-        runs.write_json(Path(args.json), report)
-    if args.save_tokens:
-        save_tokens(Path(args.save_tokens), tokens)
+    with _outputs_lock([json_out, tokens_out]):
+        model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
+        report, tokens = evaluate_run(model, corpus, args.split, method, params, lambdas, device=device,
+                                      segment_len=args.segment)
+        report["run_dir"] = str(args.run_dir)
+        print(format_table(report))
+        rescue = Path(args.run_dir)
+        if json_out is not None:
+            runs.save_output(json_out, lambda p: runs.write_json(p, report), rescue_dir=rescue)
+        if tokens_out is not None:
+            runs.save_output(tokens_out, lambda p: save_tokens(p, tokens), rescue_dir=rescue)
     return 0
 
 
 def cmd_tune(args) -> int:
-    import torch
-
     from lmadapt.evaluate import load_for_eval
     from lmadapt.methods import parse_combination
     from lmadapt.tune import parse_grid, tune
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _threads(args.threads)
     names = parse_combination(args.method)
     method, params, _ = _method_settings(args, {})
     grids, lambda_grid = parse_grid(args.grid, names)
-    if lambda_grid is not None and any(not 0 <= v <= 1 for v in lambda_grid):
-        raise LmadaptError("--grid lambda values must be in [0, 1]")
+    out = runs.check_output(args.out, "--out", overwrite=args.overwrite)
     device = _device(args.device)
-    model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
-    best = tune(model, corpus, method, split=args.split, params=params, grid_overrides=grids,
-                lambda_grid=lambda_grid, device=device, segment_len=args.segment, max_passes=args.max_passes)
-    best["run_dir"] = str(args.run_dir)
-    runs.write_json(Path(args.out), best)
-    print(f"{best['method']} on {best['split']}: ppl {best['ppl']:.2f} (lstm {best['lstm_ppl']:.2f}, "
-          f"{best['delta_vs_lstm_percent']:+.1f}%) after {best['passes']} passes")
-    print(f"params {json.dumps(best['params'])}  lambdas {json.dumps(best['lambdas'])}")
-    print(f"wrote {args.out}")
+    with _outputs_lock([out]):
+        model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
+        best = tune(model, corpus, method, split=args.split, params=params, grid_overrides=grids,
+                    lambda_grid=lambda_grid, device=device, segment_len=args.segment, max_passes=args.max_passes)
+        best["run_dir"] = str(args.run_dir)
+        print(f"{best['method']} on {best['split']}: ppl {best['ppl']:.2f} (lstm {best['lstm_ppl']:.2f}, "
+              f"{best['delta_vs_lstm_percent']:+.1f}%) after {best['passes']} passes")
+        print(f"params {json.dumps(best['params'])}  lambdas {json.dumps(best['lambdas'])}")
+        runs.save_output(out, lambda p: runs.write_json(p, best), rescue_dir=Path(args.run_dir))
+    print(f"wrote {out}")
     return 0
 
 
@@ -202,6 +325,13 @@ def cmd_report(args) -> int:
     from lmadapt.evaluate import load_tokens
     from lmadapt.report import bucket_report, plot_png, to_markdown
 
+    outs = []
+    if args.out:
+        out = Path(args.out)
+        outs = [runs.check_output(p, "--out", overwrite=args.overwrite)
+                for p in (out, out.with_suffix(".json"), out.with_suffix(".png"))]
+        if len({p.resolve() for p in outs}) < 3:
+            raise LmadaptError(f"--out {out} must not end in .json or .png: those are written beside it")
     tokens = load_tokens(Path(args.tokens_file))
     other, label = None, None
     if args.method_tokens:
@@ -210,13 +340,18 @@ def cmd_report(args) -> int:
     rep = bucket_report(tokens, args.baseline, args.method, args.buckets, method_tokens=other, method_label=label)
     markdown = to_markdown(rep)
     print(markdown, end="")
-    if args.out:
-        out = Path(args.out)
-        runs.write_bytes(out, markdown.encode())
-        runs.write_json(out.with_suffix(".json"), rep)
-        plot_png(rep, out.with_suffix(".png"))
-        print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
+    if outs:
+        md, js, png = outs
+        rescue = Path(args.tokens_file).parent
+        with _outputs_lock(outs):
+            runs.save_output(md, lambda p: runs.write_bytes(p, markdown.encode()), rescue_dir=rescue)
+            runs.save_output(js, lambda p: runs.write_json(p, rep), rescue_dir=rescue)
+            runs.save_output(png, lambda p: plot_png(rep, p), rescue_dir=rescue)
+        print(f"wrote {md}, {js}, {png}")
     return 0
+
+
+THREADS = arg(int, NON_NEGATIVE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,10 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/NAME-TIMESTAMP)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set train.lr=0.001 --set model.hidden_size=650")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", help=f"{DEVICES} (default auto)")
+    p.add_argument("--threads", type=THREADS, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--force", action="store_true", help="start over in --out, deleting the run there")
+    p.add_argument("--force", action="store_true",
+                   help="start over in --out, replacing the run there once the new one has its first checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run with test-time adaptation methods (streaming, batch size 1)")
@@ -243,12 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="valid", choices=["valid", "test", "train"])
     p.add_argument("--method", help="lstm, cache, mbpa, dyneval or a '+' combination such as mbpa+cache")
     p.add_argument("--config", help="JSON with method, params and lambdas (e.g. from `lmadapt tune`)")
-    p.add_argument("--segment", type=int, default=None,
+    p.add_argument("--segment", type=arg(int, at_least(1)), default=None,
                    help="positions per segment (speed only; default: the methods' preference, else 128)")
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--save-tokens", help="write per-token log-probabilities of every method here (.pt)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json/--save-tokens file")
+    p.add_argument("--device", default="auto", help=DEVICES)
+    p.add_argument("--threads", type=THREADS, default=0)
     _method_flags(p)
     p.set_defaults(func=cmd_eval)
 
@@ -257,14 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True)
     p.add_argument("--split", default="valid", choices=["valid", "test", "train"])
     p.add_argument("--out", required=True, help="best settings as JSON (use with `lmadapt eval --config`)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--grid", action="append", default=[], metavar="METHOD.PARAM=v1,v2",
                    help="replace one grid axis (default: the paper's App. B grid); lambda=v1,v2 for the weights")
-    p.add_argument("--max-passes", type=int, default=200, help="refuse grids needing more streaming passes")
+    p.add_argument("--max-passes", type=arg(int, at_least(1)), default=200, help="refuse grids needing more streaming passes")
     p.add_argument("--data")
     p.add_argument("--data-dir")
-    p.add_argument("--segment", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--segment", type=arg(int, at_least(1)), default=None)
+    p.add_argument("--device", default="auto", help=DEVICES)
+    p.add_argument("--threads", type=THREADS, default=0)
     _method_flags(p)
     p.set_defaults(func=cmd_tune)
 
@@ -272,9 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tokens_file")
     p.add_argument("--baseline", default="lstm+cache")
     p.add_argument("--method", default="mbpa+cache")
-    p.add_argument("--buckets", type=int, default=5)
+    p.add_argument("--buckets", type=arg(int, at_least(1)), default=5)
     p.add_argument("--method-tokens", help="take --method from this second tokens file (another run, same split)")
     p.add_argument("--out", help="Markdown file; .json and .png are written beside it")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --out files")
     p.set_defaults(func=cmd_report)
 
     from lmadapt.classify.cli import add_parser as add_classify
@@ -284,7 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed its one-line error (or --help)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
     except LmadaptError as exc:

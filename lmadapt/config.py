@@ -8,10 +8,12 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from lmadapt.errors import LmadaptError
 from lmadapt.model import LMConfig
+from lmadapt.params import NON_NEGATIVE, POSITIVE, PROBABILITY, Range, at_least, between, check_number
+from lmadapt.params import to_float, to_int
 
 
 @dataclass
@@ -20,6 +22,8 @@ class DataConfig:
     data_dir: str | None = None     # where named corpora live (else $LMADAPT_DATA, else the hub)
     tokenizer: str = "word"         # word | sentencepiece
     spm_vocab_size: int = 8000
+
+    RANGES: ClassVar[dict[str, Range]] = {"spm_vocab_size": at_least(3)}
 
 
 @dataclass
@@ -55,6 +59,17 @@ class TrainConfig:
     hebbian_T: int = 500            # Hebbian softmax: classes seen this often stop being mixed
     log_interval: int = 20          # steps between progress-bar updates
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "batch_size": at_least(1), "bptt": at_least(1), "epochs": at_least(1), "max_minutes": NON_NEGATIVE,
+        "max_steps": NON_NEGATIVE, "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+        "betas": between(0, 1, hi_open=True), "clip": NON_NEGATIVE, "lr_decay": between(0, 1, lo_open=True),
+        "lr_patience": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "nonmono": at_least(1),
+        "early_stop_patience": NON_NEGATIVE, "eval_interval": NON_NEGATIVE, "eval_batch_size": at_least(1),
+        "final_batch_size": at_least(1), "checkpoint_interval": at_least(1), "sampled_softmax": NON_NEGATIVE,
+        "sampled_softmax_until": PROBABILITY, "hebbian_gamma": PROBABILITY, "hebbian_T": at_least(1),
+        "log_interval": at_least(1),
+    }
+
 
 @dataclass
 class RunConfig:
@@ -66,11 +81,16 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict, source: str = "config") -> "RunConfig":
+        if not isinstance(d, dict):
+            raise LmadaptError(f"{source} must hold a JSON object with data/model/train sections, "
+                               f"not a {type(d).__name__}")
         cfg = cls()
         for section, values in d.items():
             if section not in SECTIONS:
                 continue  # extra metadata (e.g. corpus statistics) lives beside the sections
+            if not isinstance(values, dict):
+                raise LmadaptError(f"{source}: section {section!r} must be an object, not a {type(values).__name__}")
             for key, value in values.items():
                 set_value(cfg, f"{section}.{key}", value)
         return cfg
@@ -98,40 +118,37 @@ def _coerce(value: Any, type_name: str, full_key: str) -> Any:
     t = str(type_name)
     if isinstance(value, str) and value.strip().lower() in ("none", "null") and "None" in t:
         return None
-    if isinstance(value, str) and not t.startswith("str"):
-        text = value.strip()
-        if t.startswith("bool"):
-            if text.lower() in ("true", "1", "yes", "on"):
-                return True
-            if text.lower() in ("false", "0", "no", "off"):
-                return False
-            raise LmadaptError(f"{full_key} expects true or false, got {value!r}")
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
-            raise LmadaptError(f"{full_key} expects a {t}, got {value!r}") from None
     if value is None and "None" in t:
         return None
-    try:
-        if t.startswith("bool"):
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if t.startswith("int"):
-            if isinstance(value, bool) or float(value) != int(value):
-                raise ValueError
-            return int(value)
-        if t.startswith("float"):
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if t.startswith("tuple"):
-            return tuple(float(v) for v in value)
-        if t.startswith("str"):
-            return str(value)
-    except (TypeError, ValueError):
-        raise LmadaptError(f"{full_key} expects a {t}, got {value!r}") from None
+    if t.startswith("bool"):
+        text = str(value).strip().lower()
+        if value is True or text in ("true", "1", "yes", "on"):
+            return True
+        if value is False or text in ("false", "0", "no", "off"):
+            return False
+        raise LmadaptError(f"{full_key} expects true or false, got {value!r}")
+    if t.startswith("int"):
+        return to_int(value, full_key) if not isinstance(value, bool) else _wrong(full_key, t, value)
+    if t.startswith("float"):
+        return to_float(value, full_key) if not isinstance(value, bool) else _wrong(full_key, t, value)
+    if t.startswith("tuple"):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value.strip())
+            except json.JSONDecodeError:
+                _wrong(full_key, t, value)
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            _wrong(full_key, "pair of numbers such as [0.9, 0.999]", value)
+        return tuple(to_float(v, full_key) for v in value)
+    if t.startswith("str"):
+        if not isinstance(value, str):
+            _wrong(full_key, t, value)
+        return value
     return value
+
+
+def _wrong(full_key: str, expected: str, value: Any):
+    raise LmadaptError(f"{full_key} expects a {expected}, got {value!r}")
 
 
 def set_value(cfg: RunConfig, key: str, value: Any) -> None:
@@ -144,6 +161,8 @@ def set_value(cfg: RunConfig, key: str, value: Any) -> None:
         known = ", ".join(f.name for f in dataclasses.fields(obj))
         raise LmadaptError(f"unknown setting {key!r}; {section} settings are: {known}")
     value = _coerce(value, type_name, key)
+    for v in value if isinstance(value, tuple) else (value,):
+        check_number(key, v, getattr(type(obj), "RANGES", {}).get(name))
     if key in _OPTIONS and value not in _OPTIONS[key]:
         raise LmadaptError(f"{key} must be one of {', '.join(_OPTIONS[key])}, got {value!r}")
     setattr(obj, name, value)

@@ -169,6 +169,13 @@ class Corpus:
         """Frequency of each id in the train split, shape (len(vocab),)."""
         return torch.bincount(self.train, minlength=len(self.vocab))
 
+    def checksums(self) -> dict[str, str]:
+        """SHA-256 of each split's token ids: identifies the text a run saw, wherever its
+        files live (recorded in config.json; --resume refuses a corpus that changed)."""
+        import hashlib
+
+        return {s: hashlib.sha256(self.split(s).to(torch.int64).numpy().tobytes()).hexdigest() for s in SPLITS}
+
 
 # --------------------------------------------------------------------------- reading text
 
@@ -247,7 +254,8 @@ def _find_in_dir(root: Path, corpus: str) -> tuple[dict[str, Path] | None, str]:
         present = [s for s in SPLITS if files[s].is_file()]
         if present and len(present) < len(SPLITS):
             missing = next(files[s] for s in SPLITS if s not in present)
-            raise LmadaptError(f"corpus file not found: {missing} (the other {corpus} files are in {folder})")
+            what = "is a directory, not a file" if missing.is_dir() else "not found"
+            raise LmadaptError(f"corpus file {what}: {missing} (the other {corpus} files are in {folder})")
         if present:
             return files, str(folder)
     looked = f"{root} and {root / _SUBDIRS[corpus][0]}/ (no {names['train']})"
@@ -403,6 +411,16 @@ def _named_lines(corpus: str, data_dir: str | os.PathLike | None) -> dict[str, l
     raise LmadaptError(f"corpus {corpus!r} not found; tried: " + "; ".join(tried))
 
 
+def absolute_source(data: str, data_dir: str | None) -> tuple[str, str | None]:
+    """(data, data_dir) with every path made absolute (names such as 'ptb' stay names), so a
+    run's config.json works from any working directory."""
+    if _NAME_OF.get(str(data).strip().lower()) is None and Path(data).expanduser().exists():
+        data = str(Path(data).expanduser().resolve())
+    if data_dir:
+        data_dir = str(Path(data_dir).expanduser().resolve())
+    return data, data_dir
+
+
 def _resolve(data: str | os.PathLike, data_dir: str | os.PathLike | None) -> tuple[str, dict[str, list[str]]]:
     """Corpus name and the lines of each split."""
     try:
@@ -418,8 +436,9 @@ def _resolve(data: str | os.PathLike, data_dir: str | os.PathLike | None) -> tup
     if path.is_dir():
         missing = [path / f for f in _DIR_FILES.values() if not (path / f).is_file()]
         if missing:
+            what = "is a directory, not a file" if missing[0].is_dir() else "not found"
             raise LmadaptError(
-                f"corpus file not found: {missing[0]} (a corpus directory holds train.txt, valid.txt, test.txt)"
+                f"corpus file {what}: {missing[0]} (a corpus directory holds train.txt, valid.txt, test.txt)"
             )
         return text, _lines_from_files({s: path / _DIR_FILES[s] for s in SPLITS})
     known = ", ".join(f"{n} (or {', '.join(a[1:])})" if len(a) > 1 else n for n, a in _ALIASES.items())
@@ -589,6 +608,7 @@ def load_corpus(
 
 
 __all__ = [
+    "absolute_source",
     "Corpus",
     "Vocab",
     "load_corpus",

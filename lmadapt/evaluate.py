@@ -13,6 +13,7 @@ from lmadapt import runs
 from lmadapt.errors import LmadaptError
 from lmadapt.methods import BASE, REGISTRY, Method, combination_name, parse_combination
 from lmadapt.mix import check_lambdas, mix_log_probs, perplexity
+from lmadapt.params import check_number, to_float, to_int
 from lmadapt.stream import StreamResult, stream_eval
 
 DEFAULT_LAMBDAS = {"cache": 0.15, "mbpa": 0.1}  # the MbPA paper's best PTB setting (App. B)
@@ -20,25 +21,22 @@ TOKENS_FORMAT = "lmadapt-tokens"
 
 
 def coerce_param(method: str, name: str, value, default):
-    """A method hyper-parameter from a flag, JSON or a grid, typed like its default."""
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes"):
-                    return True
-                if value.lower() in ("false", "0", "no"):
-                    return False
-                raise ValueError
-            return bool(value)
-        if isinstance(default, int):
-            if float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if isinstance(default, float):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise LmadaptError(f"--{method}-{name} expects a {type(default).__name__}, got {value!r}") from None
+    """A method hyper-parameter from a flag, JSON or a grid, typed like its default and
+    checked against the method's declared range (lmadapt.params)."""
+    flag = f"--{method}-{name.replace('_', '-')}"
+    if isinstance(default, bool):
+        text = str(value).strip().lower()
+        if value is True or text in ("true", "1", "yes"):
+            return True
+        if value is False or text in ("false", "0", "no"):
+            return False
+        raise LmadaptError(f"{flag} expects true or false, got {value!r}")
+    if isinstance(value, (bool, list, dict)) or value is None:
+        raise LmadaptError(f"{flag} expects a {type(default).__name__}, got {value!r}")
+    if isinstance(default, (int, float)):
+        value = to_int(value, flag) if isinstance(default, int) else to_float(value, flag)
+        return check_number(flag, value, getattr(REGISTRY[method].Params, "RANGES", {}).get(name))
+    return str(value)
 
 
 def build_methods(names: list[str], params: dict[str, dict]) -> list[Method]:
@@ -160,4 +158,12 @@ def load_tokens(path) -> dict:
     data = runs.load_tensors(path)
     if not isinstance(data, dict) or data.get("format") != TOKENS_FORMAT:
         raise LmadaptError(f"{path} is not an lmadapt tokens file (written by `lmadapt eval --save-tokens`)")
+    kinds = {"targets": torch.Tensor, "train_counts": torch.Tensor, "columns": dict, "methods": dict, "lambdas": dict}
+    for key, kind in kinds.items():
+        if not isinstance(data.get(key), kind):
+            raise LmadaptError(f"{path} is a damaged lmadapt tokens file: {key!r} is missing or of the wrong type")
+    n = data["targets"].numel()
+    for name, column in [*data["columns"].items(), *data["methods"].items()]:
+        if not isinstance(column, torch.Tensor) or column.numel() != n:
+            raise LmadaptError(f"{path} is a damaged lmadapt tokens file: column {name!r} does not hold {n} values")
     return data

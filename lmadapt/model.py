@@ -8,11 +8,14 @@ sees exactly the vector the output layer sees.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
+
+from lmadapt.params import at_least, between
 
 State = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -34,16 +37,18 @@ class LMConfig:
     tie_weights: bool = True        # softmax weight = embedding (projection added if sizes differ)
     softmax: str = "full"           # output layer kind ("full"; "hebbian" is a training-time option)
 
+    # Valid ranges (lmadapt.params): checked when a value is set and again by validate().
+    RANGES: ClassVar[dict] = {
+        "vocab_size": at_least(1), "emb_size": at_least(1), "hidden_size": at_least(1), "num_layers": at_least(1),
+        **{name: between(0, 1, hi_open=True) for name in
+           ("dropout_embedding", "dropout_input", "dropout_hidden", "dropout_output", "weight_drop")},
+    }
+
     def validate(self) -> None:
         from lmadapt.errors import LmadaptError
+        from lmadapt.params import check_fields
 
-        for name in ("vocab_size", "emb_size", "hidden_size", "num_layers"):
-            if getattr(self, name) < 1:
-                raise LmadaptError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("dropout_embedding", "dropout_input", "dropout_hidden", "dropout_output", "weight_drop"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise LmadaptError(f"model.{name} must be in [0, 1), got {value}")
+        check_fields(self, "model.")
         if self.softmax not in ("full", "hebbian"):
             raise LmadaptError(f"model.softmax must be 'full' or 'hebbian', got {self.softmax!r}")
 

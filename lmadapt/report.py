@@ -50,6 +50,9 @@ def frequency_buckets(targets: torch.Tensor, train_counts: torch.Tensor, buckets
     if buckets < 1:
         raise LmadaptError(f"--buckets must be >= 1, got {buckets}")
     types, counts = torch.unique(targets, return_counts=True)
+    if buckets > types.numel():
+        # A word type is never split, so extra buckets would be empty rows with no perplexity.
+        raise LmadaptError(f"--buckets {buckets} is more than the {types.numel()} distinct words scored")
     order = torch.argsort(train_counts[types], descending=True, stable=True)
     types, counts = types[order], counts[order]
     mid = torch.cumsum(counts, 0) - counts / 2  # middle of each type's token range

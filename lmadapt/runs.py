@@ -8,15 +8,24 @@ A run directory holds
   last.pt         training state for --resume (tensors and plain Python values only)
   metrics.jsonl   one line per validation
   results.json    written last: its presence marks a finished run
+  .lmadapt.lock   held by the one process writing the run (see `locked`)
+
+Outputs a user names (--json, --save-tokens, tune/report --out) go through
+`check_output` before any computation (so a bad path fails in a second, not
+after a long evaluation) and `save_output` after it (which keeps the results
+somewhere and says where if the named place fails after all, e.g. a full disk).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -29,6 +38,8 @@ BEST = "model.pt"
 LAST = "last.pt"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
+RUN_FILES = (CONFIG, VOCAB, SPM, BEST, LAST, METRICS, RESULTS)
+LOCK = ".lmadapt.lock"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -74,8 +85,10 @@ def load_tensors(path: Path, map_location="cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LmadaptError(f"cannot read checkpoint {path}: {first_line[:200]}") from None
+        # torch's own message may suggest weights_only=False, which would run arbitrary code
+        # from an untrusted file: never pass that on.
+        raise LmadaptError(f"cannot read checkpoint {path}: not an intact weights-only PyTorch file "
+                           f"({type(exc).__name__}); it may be damaged or of another kind") from None
 
 
 def read_json(path: Path) -> Any:
@@ -86,6 +99,8 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LmadaptError(f"cannot parse {path}: {exc}") from None
+    except OSError as exc:
+        raise LmadaptError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def append_jsonl(path: Path, obj: Any) -> None:
@@ -117,3 +132,97 @@ def require_run_dir(run_dir: str | Path) -> Path:
         if not (run_dir / name).is_file():
             raise LmadaptError(f"{run_dir} is not a trained run directory (missing {name})")
     return run_dir
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / CONFIG).is_file() and (Path(path) / VOCAB).is_file()
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_writable_dir(folder: Path, what: str) -> None:
+    """Raise unless `folder` (created later if missing) can receive files."""
+    base = _nearest_existing(Path(folder))
+    if not base.is_dir():
+        raise LmadaptError(f"{what} {folder}: {base} is a file, not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise LmadaptError(f"{what} {folder} is not writable ({base} does not allow writing)")
+
+
+def check_output(path: str | Path | None, flag: str, *, overwrite: bool = False) -> Path | None:
+    """Validate an output file path before any work: not a directory, not one of a run
+    directory's own files, not an existing file unless `overwrite`, in a writable place."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise LmadaptError(f"{flag} {path} is a directory; give a file name")
+    if path.name in RUN_FILES and is_run_dir(path.parent):
+        raise LmadaptError(f"{flag} {path} would overwrite the run's own {path.name}; choose another name")
+    if path.exists() and not overwrite:
+        raise LmadaptError(f"{flag} {path} already exists; choose another name or pass --overwrite")
+    check_writable_dir(path.parent, flag)
+    return path
+
+
+def save_output(path: Path, write: Callable[[Path], None], *, rescue_dir: Path | None = None) -> None:
+    """write(path); if that fails (disk full, permissions changed during the run), write the
+    results to a rescue file instead and raise an error that names both places, so a long
+    computation is never lost to a failed write."""
+    try:
+        write(path)
+        return
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    places = [p for p in (rescue_dir, Path.cwd(), Path(tempfile.gettempdir())) if p is not None]
+    for folder in places:
+        rescue = Path(folder) / f"lmadapt-rescued-{stamp}-{os.getpid()}-{path.name}"
+        try:
+            write(rescue)
+        except OSError:
+            continue
+        raise LmadaptError(f"could not write {path} ({reason}); the results were saved to {rescue} instead")
+    raise LmadaptError(f"could not write {path} ({reason}), nor a rescue copy in {', '.join(map(str, places))}")
+
+
+@contextlib.contextmanager
+def locked(folder: str | Path, what: str = "run directory"):
+    """Hold an exclusive lock on `folder` (created if missing) for one writer.
+
+    A second lmadapt process that wants to write there is refused at once with the holder's
+    PID; the lock is an OS file lock (filelock), so it is released even if the holder is
+    killed. Under torchrun only rank 0 writes, so only it locks.
+    """
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / LOCK), timeout=0)
+    pid_file = folder / (LOCK + ".pid")
+    try:
+        lock.acquire()
+    except Timeout:  # (a subclass of OSError: catch it first)
+        try:
+            holder = pid_file.read_text().strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise LmadaptError(f"{folder} is in use by another lmadapt process (PID {holder}); "
+                           f"wait for it to finish or stop it") from None
+    except OSError as exc:
+        raise LmadaptError(f"cannot lock {folder}: {exc.strerror or exc}") from None
+    try:
+        pid_file.write_text(f"{os.getpid()}\n")
+        yield folder
+    finally:
+        pid_file.unlink(missing_ok=True)
+        lock.release()
+
+
+def warn(message: str) -> None:
+    print(f"lmadapt: warning: {message}", file=sys.stderr)

@@ -67,10 +67,14 @@ def _requested_extras(methods: list[Method]) -> dict[str, torch.dtype]:
     return wanted
 
 
-def make_memory(model, methods: list[Method], segment_len: int, device, memory_index: str = "auto"):
+def make_memory(model, methods: list[Method], segment_len: int, device, memory_index: str = "auto",
+                stream_len: int | None = None):
     """The memory shared by the mixture methods (None when none reads one): the largest
-    window any of them reads plus one segment, with every extra they ask for."""
+    window any of them reads plus one segment, with every extra they ask for. A window
+    longer than the stream is cut to it: it could never fill, and would only allocate."""
     window = max((m.memory_window() for m in methods if not m.adapts_model), default=0)
+    if stream_len is not None:
+        window = min(window, stream_len)
     if window <= 0:
         return None
     V = model.decoder.out_features
@@ -101,7 +105,7 @@ def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str,
     model.eval()
     stream = stream.to(device)
 
-    memory = make_memory(model, mixers, segment_len, device, memory_index)
+    memory = make_memory(model, mixers, segment_len, device, memory_index, stream_len=stream.numel())
     extras_of = memory_extras_of(mixers)
     ctx = EvalContext(model=model, corpus=corpus, memory=memory, device=device, segment_len=segment_len)
     for m in methods:

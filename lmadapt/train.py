@@ -47,6 +47,37 @@ def autocast(device: torch.device, amp: str):
     return contextlib.nullcontext()
 
 
+def amp_problem(model: torch.nn.Module, device: torch.device, amp: str) -> str | None:
+    """None if `amp` works for this model on this device, else why not (one line).
+
+    Tried, not looked up: whether a bf16 LSTM runs depends on the oneDNN kernels this CPU
+    offers (AVX512-BF16 / AMX), and the failure only shows when the primitive is built. One
+    tiny training-mode forward and backward finds out; the RNG state is restored after it so
+    the probe does not change the run.
+    """
+    if amp == "none":
+        return None
+    was_training = model.training
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.train()
+            tokens = torch.zeros(2, 3, dtype=torch.long, device=device)
+            with autocast(device, amp):
+                _, logits, _ = model(tokens, model.init_state(2, device))
+            logits.float().sum().backward()
+    except RuntimeError as exc:
+        return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return None
+
+
+def precision_name(amp: str) -> str:
+    return "bf16 autocast" if amp == "bf16" else "float32"
+
+
 def progress_enabled() -> bool:
     return sys.stderr.isatty() or bool(os.environ.get("LMADAPT_PROGRESS"))
 
@@ -216,13 +247,18 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def write_run_metadata(run_dir: Path, cfg: RunConfig, corpus) -> None:
-    meta = cfg.to_dict()
+FORMAT_VERSION = 2  # config.json layout: 2 adds format_version, precision and corpus checksums
+
+
+def write_run_metadata(run_dir: Path, cfg: RunConfig, corpus, amp_requested: str | None = None) -> None:
+    meta = {"format_version": FORMAT_VERSION, **cfg.to_dict()}
+    meta["precision"] = {"requested": amp_requested or cfg.train.amp, "used": precision_name(cfg.train.amp)}
     meta["corpus"] = {
         "name": corpus.name,
         "tokenizer": corpus.tokenizer,
         "vocab_size": len(corpus.vocab),
         "tokens": {s: int(corpus.split(s).numel()) for s in ("train", "valid", "test")},
+        "sha256": corpus.checksums(),
     }
     runs.write_json(run_dir / runs.VOCAB, corpus.vocab.to_dict())
     if corpus.spm_model is not None:
@@ -231,11 +267,13 @@ def write_run_metadata(run_dir: Path, cfg: RunConfig, corpus) -> None:
 
 
 def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device = "cpu", resume: bool = False,
-        interrupt_after_steps: int | None = None) -> dict | None:
+        interrupt_after_steps: int | None = None, on_checkpoint=None) -> dict | None:
     """Train, keep the best weights, write results.json; returns the results (None on non-main ranks).
 
     `interrupt_after_steps` stops abruptly after that many steps in this call,
     without a final checkpoint: the test suite's stand-in for a killed process.
+    `on_checkpoint()` is called on the main rank after each resumable checkpoint is
+    written (`lmadapt train --force` drops the run it replaces at the first one).
     """
     run_dir = Path(run_dir)
     device = torch.device(device)
@@ -248,6 +286,15 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
     cfg.model.vocab_size = len(corpus.vocab)
 
     model = LSTMLM(cfg.model).to(device)
+    amp_requested = t.amp
+    problem = amp_problem(model, device, t.amp)
+    if problem is not None:
+        # Fall back rather than die at the first step; config.json and results.json record
+        # the precision actually used, so figures are never silently mixed.
+        if ddp.main:
+            print(f"lmadapt: warning: train.amp={t.amp} does not work on this {device.type} ({problem}); "
+                  f"training in float32", file=sys.stderr)
+        t.amp = "none"
     train_model = model
     if ddp.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -300,7 +347,7 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
             runs.write_bytes(run_dir / runs.METRICS, "".join(json.dumps(r) + "\n" for r in rows).encode())
     elif ddp.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_metadata(run_dir, cfg, corpus)
+        write_run_metadata(run_dir, cfg, corpus, amp_requested)
         runs.write_bytes(run_dir / runs.METRICS, b"")
 
     if ddp.main:
@@ -318,6 +365,8 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "progress": dict(prog), "state": full, "rng": rngs,
                 **({"hebbian": hebbian.state_dict()} if hebbian is not None else {})})
+            if on_checkpoint is not None:
+                on_checkpoint()
 
     def validate() -> bool:
         """Validation, best-weights keeping, schedule, NT-ASGD switch. Returns True to stop."""
@@ -467,6 +516,7 @@ def final_results(run_dir: Path, cfg: RunConfig, corpus, model: LSTMLM, prog: di
         "final_eval_batch_size": t.final_batch_size,
         "final_eval_seconds": time.perf_counter() - start,
         "device": str(device),
+        "precision": precision_name(t.amp),
         "torch_threads": torch.get_num_threads(),
     }
     runs.write_json(run_dir / runs.RESULTS, results)
@@ -477,7 +527,7 @@ def load_model(run_dir: str | Path, device="cpu") -> tuple[LSTMLM, RunConfig, di
     """A trained model from a run directory (best weights), its config and the raw config.json."""
     run_dir = runs.require_run_dir(run_dir)
     meta = runs.read_json(run_dir / runs.CONFIG)
-    cfg = RunConfig.from_dict(meta)
+    cfg = RunConfig.from_dict(meta, source=str(run_dir / runs.CONFIG))
     model = LSTMLM(cfg.model)
     try:
         model.load_state_dict(runs.load_tensors(run_dir / runs.BEST, map_location=device))

@@ -21,6 +21,7 @@ from lmadapt.errors import LmadaptError
 from lmadapt.evaluate import build_methods, coerce_param
 from lmadapt.methods import REGISTRY, combination_name, parse_combination
 from lmadapt.mix import mix_log_probs, perplexity
+from lmadapt.params import PROBABILITY, numbers
 from lmadapt.stream import stream_eval
 from lmadapt.train import progress_enabled
 
@@ -37,10 +38,7 @@ def parse_grid(items: list[str], names: list[str]) -> tuple[dict[str, dict[str, 
             raise LmadaptError(f"--grid expects METHOD.PARAM=v1,v2,... or lambda=v1,v2,..., got {item!r}")
         parts = [v.strip() for v in values.split(",") if v.strip()]
         if key == "lambda":
-            try:
-                lambda_grid = sorted({float(v) for v in parts})
-            except ValueError:
-                raise LmadaptError(f"--grid lambda values must be numbers, got {values!r}") from None
+            lambda_grid = sorted(set(numbers(values, "--grid lambda", float, PROBABILITY)))
             continue
         method, _, param = key.partition(".")
         if method not in names:

@@ -120,8 +120,8 @@ def test_frequency_buckets_are_balanced_and_ordered():
     (["--method", "cache", "--lambda-cache", "1.5"], "must be in [0, 1]"),
     (["--method", "mbpa+cache", "--lambda-cache", "0.6", "--lambda-mbpa", "0.6"], "sum to 1.2"),
     (["--method", "mbpa", "--mbpa-k", "600", "--mbpa-memory", "500"], "larger than its memory"),
-    (["--method", "mbpa", "--mbpa-k", "0"], "k >= 1"),
-    (["--method", "mbpa", "--mbpa-k", "abc"], "expects a int"),
+    (["--method", "mbpa", "--mbpa-k", "0"], "--mbpa-k must be >= 1"),
+    (["--method", "mbpa", "--mbpa-k", "abc"], "--mbpa-k expects an integer"),
     (["--method", "mbpa", "--mbpa-adapt", "both"], "mbpa adapt must be one of all, weight, bias"),
 ])
 def test_eval_bad_input(trained, tmp_path, capsys, args, message):

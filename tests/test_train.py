@@ -137,7 +137,7 @@ def test_cli_refuses_to_overwrite_a_finished_run(tiny_corpus_dir, tmp_path, caps
     (["train", "--recipe", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
     (["train", "--data", "no-such-corpus-xyz"], "no-such-corpus-xyz"),
     (["train", "--set", "model.hiden_size=3"], "unknown setting 'model.hiden_size'"),
-    (["train", "--set", "train.lr=fast"], "train.lr expects a float"),
+    (["train", "--set", "train.lr=fast"], "train.lr expects a number"),
     (["train", "--set", "train.optimizer=lbfgs"], "train.optimizer must be one of"),
     (["train", "--set", "lr"], "--set expects key=value"),
     (["train", "--device", "cuda"] if not torch.cuda.is_available() else ["train", "--recipe", "nope"], ""),

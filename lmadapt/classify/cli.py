@@ -7,31 +7,22 @@ from pathlib import Path
 
 from lmadapt import runs
 from lmadapt.errors import LmadaptError
+from lmadapt.params import NON_NEGATIVE, POSITIVE, PROBABILITY, arg, at_least, numbers
 
 
-def _numbers(text: str, flag: str, cast=float) -> tuple:
-    """Comma-separated numbers of one type, or a one-line error naming the flag."""
-    try:
-        vals = tuple(cast(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise LmadaptError(f"{flag} takes comma-separated {'integers' if cast is int else 'numbers'}, got {text!r}") from None
-    if not vals:
-        raise LmadaptError(f"{flag} is empty")
-    return vals
+def _ints(text: str, flag: str, rng=None) -> tuple[int, ...]:
+    return numbers(text, flag, int, rng or at_least(1))
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    return _numbers(text, flag, int)
-
-
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    return _numbers(text, flag, float)
+def _floats(text: str, flag: str, rng=None) -> tuple[float, ...]:
+    return numbers(text, flag, float, rng or NON_NEGATIVE)
 
 
 def _out_dir(path: str, force: bool, files: tuple[str, ...]) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise LmadaptError(f"--out {out} exists and is not a directory")
+    runs.check_writable_dir(out, "--out")
     clash = [f for f in files if (out / f).exists()]
     if clash and not force:
         raise LmadaptError(f"{out} already holds {', '.join(clash)}; choose another --out or pass --force")
@@ -44,10 +35,6 @@ def _mbpa_cfg(args, default_k, default_optimizer):
 
     if args.mbpa_optimizer not in (None, "sgd", "rmsprop", "adam"):
         raise LmadaptError(f"--mbpa-optimizer must be sgd, rmsprop or adam, not {args.mbpa_optimizer!r}")
-    if args.mbpa_k is not None and args.mbpa_k < 1:
-        raise LmadaptError("--mbpa-k must be at least 1")
-    if args.mbpa_steps is not None and args.mbpa_steps < 0:
-        raise LmadaptError("--mbpa-steps must be >= 0")
     return MbPAConfig(k=args.mbpa_k or default_k, alpha=args.mbpa_alpha if args.mbpa_alpha is not None else 0.1,
                       steps=args.mbpa_steps if args.mbpa_steps is not None else 5, beta=args.mbpa_beta,
                       optimizer=args.mbpa_optimizer or default_optimizer)
@@ -70,8 +57,6 @@ def cmd_permuted(args) -> int:
 
     methods = check_methods(tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     mems = _ints(args.memory_per_task, "--memory-per-task")
-    if any(m < 1 for m in mems):
-        raise LmadaptError(f"--memory-per-task sizes must be >= 1, got {args.memory_per_task}")
     cfg = ContinualConfig(
         tasks=args.tasks, examples_per_task=args.examples_per_task, epochs_per_task=args.epochs_per_task,
         hidden=_ints(args.hidden, "--hidden"), memory_per_task=mems, seed=args.seed, tune=not args.no_tune,
@@ -79,7 +64,7 @@ def cmd_permuted(args) -> int:
         ewc_lambda=args.ewc_lambda, mbpa=_mbpa_cfg(args, 32, "sgd"),
         **({"ewc_grid": _floats(args.ewc_grid, "--ewc-grid")} if args.ewc_grid else {}),
         **({"alpha_grid": _floats(args.alpha_grid, "--alpha-grid")} if args.alpha_grid else {}),
-        **({"steps_grid": _ints(args.steps_grid, "--steps-grid")} if args.steps_grid else {}),
+        **({"steps_grid": _ints(args.steps_grid, "--steps-grid", NON_NEGATIVE)} if args.steps_grid else {}),
     )
     out = _out_dir(args.out, args.force, ("results.json", "permuted-mnist.png"))
     data = _setup(args)
@@ -109,9 +94,9 @@ def cmd_incremental(args) -> int:
         seed=args.seed, tune=not args.no_tune, hidden=_ints(args.hidden, "--hidden"),
         pretrain_epochs=args.pretrain_epochs, lr=args.lr, optimizer=args.optimizer,
         test_examples=args.test_examples, mbpa=_mbpa_cfg(args, 50, "rmsprop"),
-        **({"eval_epochs": _floats(args.eval_epochs, "--eval-epochs")} if args.eval_epochs else {}),
+        **({"eval_epochs": _floats(args.eval_epochs, "--eval-epochs", POSITIVE)} if args.eval_epochs else {}),
         **({"alpha_grid": _floats(args.alpha_grid, "--alpha-grid")} if args.alpha_grid else {}),
-        **({"steps_grid": _ints(args.steps_grid, "--steps-grid")} if args.steps_grid else {}),
+        **({"steps_grid": _ints(args.steps_grid, "--steps-grid", NON_NEGATIVE)} if args.steps_grid else {}),
     )
     out = _out_dir(args.out, args.force, ("results.json", "table.md", "incremental.png"))
     data = _setup(args)
@@ -134,8 +119,6 @@ def cmd_curriculum(args) -> int:
         hebbian_gamma=args.hebbian_gamma, hebbian_T=args.hebbian_T,
         **({"exposures": _ints(args.exposures, "--exposures")} if args.exposures else {}),
     )
-    if not 0.0 <= cfg.hebbian_gamma <= 1.0 or cfg.hebbian_T < 1:
-        raise LmadaptError("--hebbian-gamma must be in [0, 1] and --hebbian-T at least 1")
     out = _out_dir(args.out, args.force, ("results.json", "table.md"))
     data = _setup(args)
     t0 = time.time()
@@ -157,55 +140,55 @@ def add_parser(sub) -> None:
         q.add_argument("--data-dir", help="folder with the MNIST IDX files (e.g. ../shared/data/mnist)")
         q.add_argument("--out", required=True, help="output folder (results.json, plot, table)")
         q.add_argument("--force", action="store_true", help="overwrite results already in --out")
-        q.add_argument("--seed", type=int, default=0)
-        q.add_argument("--threads", type=int, default=0)
+        q.add_argument("--seed", type=arg(int, NON_NEGATIVE), default=0)
+        q.add_argument("--threads", type=arg(int, NON_NEGATIVE), default=0)
         q.add_argument("--no-tune", action="store_true", help="skip the grid searches; use the flags' values")
         q.add_argument("--alpha-grid", help="MbPA local learning rates to try, e.g. 0.05,0.1,0.5")
         q.add_argument("--steps-grid", help="MbPA step counts T to try, e.g. 1,5,10")
-        q.add_argument("--mbpa-k", type=int, help="neighbours K")
-        q.add_argument("--mbpa-alpha", type=float, help="local learning rate (with --no-tune)")
-        q.add_argument("--mbpa-steps", type=int, help="local steps T (with --no-tune)")
-        q.add_argument("--mbpa-beta", type=float, default=0.0, help="prior weight beta")
+        q.add_argument("--mbpa-k", type=arg(int, at_least(1)), help="neighbours K")
+        q.add_argument("--mbpa-alpha", type=arg(float, NON_NEGATIVE), help="local learning rate (with --no-tune)")
+        q.add_argument("--mbpa-steps", type=arg(int, NON_NEGATIVE), help="local steps T (with --no-tune)")
+        q.add_argument("--mbpa-beta", type=arg(float, NON_NEGATIVE), default=0.0, help="prior weight beta")
         q.add_argument("--mbpa-optimizer", help="sgd (exact span path), rmsprop or adam")
 
     q = exp.add_parser("permuted-mnist", help="20 permuted-MNIST tasks in sequence: mlp, ewc, mbpa, mbpa+ewc")
     common(q)
-    q.add_argument("--tasks", type=int, default=20)
-    q.add_argument("--examples-per-task", type=int, default=10000)
-    q.add_argument("--epochs-per-task", type=int, default=2)
+    q.add_argument("--tasks", type=arg(int, at_least(1)), default=20)
+    q.add_argument("--examples-per-task", type=arg(int, at_least(1)), default=10000)
+    q.add_argument("--epochs-per-task", type=arg(int, at_least(1)), default=2)
     q.add_argument("--methods", default="mlp,ewc,mbpa,mbpa+ewc")
     q.add_argument("--memory-per-task", default="100,250,500,1000")
     q.add_argument("--hidden", default="100,100", help="hidden layer sizes of the MLP")
-    q.add_argument("--test-per-task", type=int, default=10000,
+    q.add_argument("--test-per-task", type=arg(int, at_least(1)), default=10000,
                    help="test images per task after the last task (default: all 10,000)")
-    q.add_argument("--curve-test-per-task", type=int, default=1000,
+    q.add_argument("--curve-test-per-task", type=arg(int, at_least(1)), default=1000,
                    help="test images per task for the curve points before the last task (default 1,000)")
-    q.add_argument("--ewc-lambda", type=float, default=100.0, help="EWC penalty weight (with --no-tune)")
+    q.add_argument("--ewc-lambda", type=arg(float, NON_NEGATIVE), default=100.0, help="EWC penalty weight (with --no-tune)")
     q.add_argument("--ewc-grid", help="EWC penalty weights to try")
     q.set_defaults(func=cmd_permuted)
 
     q = exp.add_parser("incremental", help="pre-train on half the classes, then learn all: Table 1 on MNIST")
     common(q)
-    q.add_argument("--splits", type=int, default=5)
+    q.add_argument("--splits", type=arg(int, at_least(1)), default=5)
     q.add_argument("--unbalanced", action="store_true", help="half the novel classes get a tenth of their data")
-    q.add_argument("--epochs", type=float, default=3.0)
+    q.add_argument("--epochs", type=arg(float, POSITIVE), default=3.0)
     q.add_argument("--eval-epochs", help="checkpoints (fractions of an epoch), e.g. 0.1,0.5,1,2,3")
-    q.add_argument("--pretrain-epochs", type=int, default=2)
-    q.add_argument("--memory-size", type=int, default=50000)
+    q.add_argument("--pretrain-epochs", type=arg(int, NON_NEGATIVE), default=2)
+    q.add_argument("--memory-size", type=arg(int, at_least(1)), default=50000)
     q.add_argument("--hidden", default="256,256")
     q.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    q.add_argument("--lr", type=float, default=0.01)
-    q.add_argument("--test-examples", type=int, default=10000)
+    q.add_argument("--lr", type=arg(float, POSITIVE), default=0.01)
+    q.add_argument("--test-examples", type=arg(int, at_least(1)), default=10000)
     q.set_defaults(func=cmd_incremental)
 
     q = exp.add_parser("curriculum", help="classes introduced one at a time: Hebbian vs plain softmax")
     common(q)
-    q.add_argument("--classes-per-stage", type=int, default=1)
-    q.add_argument("--steps-per-stage", type=int, default=300)
-    q.add_argument("--seeds", type=int, default=3, help="runs averaged per arm")
+    q.add_argument("--classes-per-stage", type=arg(int, at_least(1)), default=1)
+    q.add_argument("--steps-per-stage", type=arg(int, at_least(1)), default=300)
+    q.add_argument("--seeds", type=arg(int, at_least(1)), default=3, help="runs averaged per arm")
     q.add_argument("--hidden", default="256,256")
     q.add_argument("--exposures", help="exposure counts at which a new class is scored, e.g. 1,2,5,10")
-    q.add_argument("--hebbian-gamma", type=float, default=0.01, help="(with --no-tune)")
-    q.add_argument("--hebbian-T", type=int, default=500, help="(with --no-tune)")
+    q.add_argument("--hebbian-gamma", type=arg(float, PROBABILITY), default=0.01, help="(with --no-tune)")
+    q.add_argument("--hebbian-T", type=arg(int, at_least(1)), default=500, help="(with --no-tune)")
     q.set_defaults(func=cmd_curriculum)
 

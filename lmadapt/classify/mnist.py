@@ -8,6 +8,7 @@ Every malformed file is an LmadaptError naming the file and the problem.
 from __future__ import annotations
 
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # zlib.error: a damaged gzip stream
         raise LmadaptError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise LmadaptError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")

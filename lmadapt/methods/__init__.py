@@ -19,9 +19,11 @@ BASE = "lstm"
 
 def parse_combination(text: str) -> list[str]:
     """'mbpa+cache' -> ['mbpa', 'cache'] in canonical order; 'lstm' -> []."""
-    names = [n.strip() for n in text.split("+") if n.strip()]
-    if not names:
+    names = [n.strip() for n in text.split("+")]
+    if not any(names):
         raise LmadaptError("empty --method")
+    if not all(names):
+        raise LmadaptError(f"method {text!r} has an empty part: write names joined by single '+', e.g. mbpa+cache")
     unknown = [n for n in names if n != BASE and n not in REGISTRY]
     if unknown:
         valid = ", ".join([BASE, *REGISTRY])

@@ -10,11 +10,13 @@ the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import Method, Segment
+from lmadapt.params import NON_NEGATIVE, at_least
 
 _ROWS = 128  # segment rows per attention block
 
@@ -23,6 +25,8 @@ _ROWS = 128  # segment rows per attention block
 class CacheParams:
     window: int = 500       # N: how many past positions the cache attends over
     theta: float = 0.3      # inverse temperature of the dot-product attention
+
+    RANGES: ClassVar[dict] = {"window": at_least(1), "theta": NON_NEGATIVE}
 
 
 class NeuralCache(Method):

@@ -16,6 +16,7 @@ uses L as its segment length when this method is active.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import Method, Segment
 from lmadapt.model import detach_state
+from lmadapt.params import NON_NEGATIVE, POSITIVE, at_least, between
 
 
 @dataclass
@@ -34,6 +36,9 @@ class DynEvalParams:
     variant: str = "rms"     # rms | sgd
     adapt: str = "all"       # all | output | lstm: which parameters move
     stat_tokens: int = 20000  # training tokens for the gradient statistics (rms)
+
+    RANGES: ClassVar[dict] = {"lr": NON_NEGATIVE, "decay": between(0, 1), "eps": POSITIVE, "segment": at_least(1),
+                              "stat_tokens": at_least(1)}
 
 
 class DynamicEvaluation(Method):

@@ -29,12 +29,14 @@ small dynamic-evaluation learning rates.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from lmadapt.adapt import KERNELS, LinearMbPA, functional_mbpa, kernel_weights
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import Method, Segment
+from lmadapt.params import NON_NEGATIVE, POSITIVE, at_least
 
 
 @dataclass
@@ -49,6 +51,9 @@ class MbPAParams:
     optimizer: str = "sgd"  # sgd (exact rank-K path) | rmsprop | adam (torch.func path)
     store: str = "float32"  # dtype of the stored neighbour probabilities (T=1): float32 | float16 | bfloat16
     adapt: str = "all"      # what the local steps move: all (W and b, the paper) | weight | bias
+
+    RANGES: ClassVar[dict] = {"memory": at_least(1), "k": at_least(1), "alpha": NON_NEGATIVE, "steps": at_least(1),
+                              "beta": NON_NEGATIVE, "eps": POSITIVE}
 
 
 _STORE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

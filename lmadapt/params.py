@@ -1,0 +1,144 @@
+"""Valid ranges of numeric parameters, and the one value parser of the CLI.
+
+Every numeric setting (training config, model config, method hyper-parameters,
+classifier flags, plain CLI integers) is checked here, where it is parsed, so a
+bad value fails at once with one line naming it instead of deep inside a long
+run (or, worse, giving a NaN perplexity with exit 0).
+
+A dataclass declares its ranges in a class attribute `RANGES` (name -> Range);
+a numeric field without a declared range must still be finite. Ints must be
+whole numbers: `1e999` or `inf` for an integer setting is refused, not
+truncated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from lmadapt.errors import LmadaptError
+
+# The largest integer any setting may take: far above any real size, small enough that
+# no allocation is attempted from a typo such as 1e30.
+MAX_INT = 2**40
+
+
+@dataclass(frozen=True)
+class Range:
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False     # lo itself is excluded
+    hi_open: bool = False     # hi itself is excluded
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return "finite"
+
+    def contains(self, x: float) -> bool:
+        if self.lo is not None and (x < self.lo or (self.lo_open and x == self.lo)):
+            return False
+        if self.hi is not None and (x > self.hi or (self.hi_open and x == self.hi)):
+            return False
+        return True
+
+
+def at_least(x: float) -> Range:
+    return Range(lo=x)
+
+
+def above(x: float) -> Range:
+    return Range(lo=x, lo_open=True)
+
+
+def between(lo: float, hi: float, *, hi_open: bool = False, lo_open: bool = False) -> Range:
+    return Range(lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
+
+
+POSITIVE = above(0)
+NON_NEGATIVE = at_least(0)
+PROBABILITY = between(0, 1)
+ANY = Range()
+
+
+def check_number(name: str, value: Any, rng: Range | None = None) -> Any:
+    """Raise LmadaptError unless `value` is a finite number in `rng` (ints also <= MAX_INT)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value  # not a number: the type check happens where the value is coerced
+    if isinstance(value, float) and not math.isfinite(value):
+        raise LmadaptError(f"{name} must be a finite number, got {value}")
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        raise LmadaptError(f"{name} is unreasonably large: {value}")
+    rng = rng or ANY
+    if not rng.contains(value):
+        raise LmadaptError(f"{name} must be {rng.describe()}, got {value:g}")
+    return value
+
+
+def check_fields(obj: Any, prefix: str) -> None:
+    """Check every numeric field (and each number of a tuple field) of a dataclass instance
+    against its class's RANGES; `prefix` names it in the message (e.g. 'train.' or '--mbpa-')."""
+    ranges = getattr(type(obj), "RANGES", {})
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        label = f"{prefix}{f.name.replace('_', '-') if prefix.startswith('--') else f.name}"
+        items = value if isinstance(value, tuple) else (value,)
+        for v in items:
+            check_number(label, v, ranges.get(f.name))
+
+
+def to_int(text: Any, name: str) -> int:
+    """An integer from a string or number; '3.0' and 3.0 are 3, '3.5', 'inf', 'nan' are refused."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    try:
+        x = float(text)
+    except (TypeError, ValueError, OverflowError):
+        raise LmadaptError(f"{name} expects an integer, got {text!r}") from None
+    if not math.isfinite(x):
+        raise LmadaptError(f"{name} must be a finite integer, got {text}")
+    if x != int(x):
+        raise LmadaptError(f"{name} expects an integer, got {text!r}")
+    return int(x)
+
+
+def to_float(text: Any, name: str) -> float:
+    try:
+        x = float(text)
+    except (TypeError, ValueError, OverflowError):
+        raise LmadaptError(f"{name} expects a number, got {text!r}") from None
+    if not math.isfinite(x):
+        raise LmadaptError(f"{name} must be a finite number, got {text}")
+    return x
+
+
+def arg(kind: type, rng: Range | None = None):
+    """An argparse `type=` for a plain numeric flag: parsed and range-checked here, so a bad
+    value ends in argparse's one-line usage error (exit 2)."""
+
+    def parse(text: str):
+        try:
+            value = to_int(text, "value") if kind is int else to_float(text, "value")
+            check_number("value", value, rng)
+        except LmadaptError as exc:
+            raise argparse.ArgumentTypeError(str(exc).replace("value ", "", 1)) from None
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
+
+
+def numbers(text: str, flag: str, kind: type = float, rng: Range | None = None) -> tuple:
+    """Comma-separated numbers of one type, each finite and in `rng`."""
+    parts = [v.strip() for v in str(text).split(",") if v.strip()]
+    if not parts:
+        raise LmadaptError(f"{flag} is empty")
+    convert = to_int if kind is int else to_float
+    return tuple(check_number(flag, convert(v, flag), rng) for v in parts)
