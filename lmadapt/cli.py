@@ -166,12 +166,12 @@ def cmd_train(args) -> int:
         corpus = load_corpus(cfg.data.name, cfg.data.data_dir, tokenizer=cfg.data.tokenizer,
                              spm_vocab_size=cfg.data.spm_vocab_size)
 
-    if main_rank:
-        sizes = ", ".join(f"{s} {corpus.split(s).numel():,}" for s in ("train", "valid", "test"))
-        print(f"corpus {corpus.name}: vocab {len(corpus.vocab):,}; tokens {sizes}", file=sys.stderr)
-        print(f"run directory: {out}", file=sys.stderr)
     lock = runs.locked(out) if main_rank else contextlib.nullcontext()
     with lock:
+        if main_rank:
+            sizes = ", ".join(f"{s} {corpus.split(s).numel():,}" for s in ("train", "valid", "test"))
+            print(f"corpus {corpus.name}: vocab {len(corpus.vocab):,}; tokens {sizes}", file=sys.stderr)
+            print(f"run directory: {out}", file=sys.stderr)
         resume = args.resume
         replaced = _ReplacedRun(out)
         if main_rank and not resume:

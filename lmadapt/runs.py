@@ -150,8 +150,12 @@ def check_writable_dir(folder: Path, what: str) -> None:
     base = _nearest_existing(Path(folder))
     if not base.is_dir():
         raise LmadaptError(f"{what} {folder}: {base} is a file, not a directory")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise LmadaptError(f"{what} {folder} is not writable ({base} does not allow writing)")
+    try:  # a real probe: permission bits do not tell for root, read-only mounts or /proc
+        fd, probe = tempfile.mkstemp(prefix=".lmadapt-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise LmadaptError(f"{what} {folder} is not writable ({base}: {exc.strerror or exc})") from None
 
 
 def check_output(path: str | Path | None, flag: str, *, overwrite: bool = False) -> Path | None:
