@@ -126,6 +126,7 @@ def cmd_train(args) -> int:
         if args.force:
             raise LmadaptError("--resume and --force contradict each other; choose one")
         out = Path(args.out)
+        apply_overrides(RunConfig(), args.set)  # a bad --set is an error even on a finished run
         if (out / runs.RESULTS).is_file():
             print(f"{out} is already finished:", json.dumps(runs.read_json(out / runs.RESULTS), indent=2))
             return 0
@@ -241,6 +242,8 @@ def _method_settings(args, config: dict) -> tuple[str, dict, dict]:
     """Method, per-method params and lambdas: --config file first, explicit flags over it."""
     from lmadapt.methods import REGISTRY
 
+    if args.method is not None and not args.method.strip():
+        raise LmadaptError("empty --method")
     method = args.method or config.get("method") or "lstm"
     params = {k: dict(v) for k, v in config.get("params", {}).items()}
     lambdas = {k: float(v) for k, v in config.get("lambdas", {}).items()}
@@ -255,6 +258,13 @@ def _method_settings(args, config: dict) -> tuple[str, dict, dict]:
             params.setdefault(name, {})[field] = value
         elif key.startswith("lambda__"):
             lambdas[key.split("__")[1]] = value
+        else:
+            continue
+        # A flag for a method that is not being run would be silently ignored: refuse it.
+        name = key.split("__")[1]
+        if method.strip() and name not in [n.strip() for n in method.split("+")]:
+            flag = "--" + key.replace("m__", "", 1).replace("__", "-").replace("_", "-")
+            raise LmadaptError(f"{flag} is set but {name} is not part of --method {method}")
     return method, params, lambdas
 
 

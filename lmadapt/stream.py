@@ -102,6 +102,7 @@ def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str,
     if adapting:
         model = copy.deepcopy(model)  # dynamic evaluation moves the weights; keep the caller's model intact
         segment_len = adapting[0].params.segment
+    segment_len = max(1, min(segment_len, stream.numel() - 1))  # a longer segment would only allocate
     model.eval()
     stream = stream.to(device)
 
