@@ -65,9 +65,9 @@ def load_for_eval(run_dir, data: str | None = None, data_dir: str | None = None,
     from lmadapt.train import load_model
 
     run_dir = runs.require_run_dir(run_dir)
+    model, cfg, meta = load_model(run_dir, device)
     if not (run_dir / runs.RESULTS).is_file():
         runs.warn(f"{run_dir} is unfinished (no {runs.RESULTS}): evaluating its best weights so far")
-    model, cfg, meta = load_model(run_dir, device)
     vocab = Vocab.from_dict(runs.read_json(run_dir / runs.VOCAB))
     spm = (run_dir / runs.SPM).read_bytes() if (run_dir / runs.SPM).is_file() else None
     name = data or cfg.data.name
