@@ -87,6 +87,9 @@ def cmd_train(args) -> int:
             cfg.data.data_dir = args.data_dir
         apply_overrides(cfg, args.set)
         cfg.model.validate()
+        from lmadapt import backbones
+
+        backbones.get(cfg.model.arch).check_training(cfg)  # before loading the corpus
         label = Path(cfg.data.name).name or "run"
         out = Path(args.out) if args.out else Path("runs") / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
         if main_rank:
@@ -143,7 +146,7 @@ def _method_settings(args, config: dict) -> tuple[str, dict, dict]:
 def cmd_eval(args) -> int:
     import torch
 
-    from lmadapt.evaluate import evaluate_run, format_table, load_for_eval, save_tokens
+    from lmadapt.evaluate import evaluate_run, format_table, save_tokens
     from lmadapt.methods import parse_combination
 
     if args.threads:
@@ -154,15 +157,21 @@ def cmd_eval(args) -> int:
     if args.segment is not None and args.segment < 1:
         raise LmadaptError(f"--segment must be >= 1, got {args.segment}")
     device = _device(args.device)
-    model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
+    from lmadapt.text import load_eval_inputs
+
+    model, corpus, split = load_eval_inputs(args.run_dir, hf_model=args.hf_model, text=args.text, data=args.data,
+                                            data_dir=args.data_dir, split=args.split, context=args.context,
+                                            keep=args.context_keep, device=device)
     # Build and validate the methods (λ, K vs N, ...) before the long pass.
     from lmadapt.evaluate import build_methods, mixture_lambdas
 
     build_methods(parse_combination(method), params)
     mixture_lambdas(parse_combination(method), lambdas)
-    report, tokens = evaluate_run(model, corpus, args.split, method, params, lambdas, device=device,
+    report, tokens = evaluate_run(model, corpus, split, method, params, lambdas, device=device,
                                   segment_len=args.segment)
-    report["run_dir"] = str(args.run_dir)
+    report["run_dir"] = str(args.run_dir or args.hf_model)
+    if args.text:
+        report["text"] = str(args.text)
     print(format_table(report))
     if args.json:
         runs.write_json(Path(args.json), report)
@@ -237,7 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run with test-time adaptation methods (streaming, batch size 1)")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", nargs="?", help="run directory (or give --hf-model)")
+    p.add_argument("--hf-model", metavar="DIR", help="a causal LM saved with save_pretrained (local files only)")
+    p.add_argument("--text", metavar="FILE", help="score this plain-text file instead of a corpus split")
+    p.add_argument("--context", type=int, help="Transformer context window in tokens (default: the model's maximum)")
+    p.add_argument("--context-keep", type=int, help="tokens kept when the window fills (default: half the window)")
     p.add_argument("--data", help="corpus (default: the one the run was trained on)")
     p.add_argument("--data-dir", help="directory holding named corpora")
     p.add_argument("--split", default="valid", choices=["valid", "test", "train"])
