@@ -82,8 +82,8 @@ def _split_lines(data: str, data_dir, split: str) -> list[str]:
 def _word_encode(vocab, text: str, where: str) -> tuple[torch.Tensor, float]:
     from lmadapt.corpus import word_tokens
 
-    words = word_tokens(text.splitlines())
-    ids = torch.from_numpy(vocab._encode_array(words, where=where))
+    ids = torch.from_numpy(vocab._encode_array(word_tokens(text.splitlines()), where=where))
+    words = text.split()  # the rate is over words: the <eos> of every line is never out of vocabulary
     unknown = sum(1 for w in words if w not in vocab.stoi)
     return ids, unknown / max(len(words), 1)
 

@@ -182,7 +182,7 @@ def gpt2_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("gpt2run")
     corpus_dir = write_markov_corpus(root / "corpus", lines=(150, 30, 30))
-    cfg = tiny_config(corpus_dir, GPT2_SETTINGS + ["train.eval_interval=0", "train.lr=0.02"])
+    cfg = tiny_config(corpus_dir, GPT2_SETTINGS + ["train.eval_interval=0", "train.epochs=3"])
     results = fit(root / "run", cfg, load_corpus(cfg.data.name))
     return root, corpus_dir, cfg, results
 
@@ -249,7 +249,7 @@ def test_gpt2_refuses_lstm_only_options(setting, message, tmp_path, capsys):
 
     corpus_dir = write_markov_corpus(tmp_path / "corpus", lines=(20, 5, 5))
     args = ["train", "--data", str(corpus_dir), "--out", str(tmp_path / "r")]
-    for s in GPT2_SETTINGS + [setting]:
+    for s in GPT2_SETTINGS + ["train.bptt=8", setting]:
         args += ["--set", s]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
@@ -304,6 +304,7 @@ def test_hf_model_dir_errors_are_one_line(tmp_path, capsys):
     model = tiny_gpt2()
     d = tmp_path / "m"
     model.lm.save_pretrained(d)
+    capsys.readouterr()
     cases = [(tmp_path / "nowhere", "no such directory"), (tmp_path, "config.json not found"),
              (d, "no tokenizer")]
     for path, message in cases:

@@ -19,8 +19,7 @@ from lmadapt.errors import LmadaptError
 HF_DIR = "hf"
 
 
-def build(config) -> HFCausalLM:
-    transformers = require_transformers("model.arch=gpt2")
+def check_config(config) -> None:
     for name in ("n_layer", "n_embd", "n_head", "context"):
         if getattr(config, name) < 1:
             raise LmadaptError(f"model.{name} must be >= 1, got {getattr(config, name)}")
@@ -28,6 +27,11 @@ def build(config) -> HFCausalLM:
         raise LmadaptError(f"model.n_embd {config.n_embd} is not divisible by model.n_head {config.n_head}")
     if not 0.0 <= config.dropout < 1.0:
         raise LmadaptError(f"model.dropout must be in [0, 1), got {config.dropout}")
+
+
+def build(config) -> HFCausalLM:
+    transformers = require_transformers("model.arch=gpt2")
+    check_config(config)
     hf_config = transformers.GPT2Config(
         vocab_size=config.vocab_size, n_positions=config.context, n_embd=config.n_embd,
         n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=config.dropout, embd_pdrop=config.dropout,
@@ -39,6 +43,7 @@ def build(config) -> HFCausalLM:
 def check_training(cfg) -> None:
     """One-line errors for the LSTM-only training options."""
     require_transformers("model.arch=gpt2")
+    check_config(cfg.model)
     m, t = cfg.model, cfg.train
     if m.softmax != "full":
         raise LmadaptError(f"model.softmax={m.softmax!r} is an LSTM option; model.arch=gpt2 needs 'full'")

@@ -46,6 +46,7 @@ def require_transformers(what: str = "this"):
         import transformers
     except ImportError:
         raise LmadaptError(f"{what} needs the Hugging Face extra: {EXTRA_HINT}") from None
+    transformers.utils.logging.disable_progress_bar()  # save/load bars would break one-line output
     return transformers
 
 
