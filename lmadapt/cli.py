@@ -183,7 +183,6 @@ def cmd_eval(args) -> int:
 def cmd_tune(args) -> int:
     import torch
 
-    from lmadapt.evaluate import load_for_eval
     from lmadapt.methods import parse_combination
     from lmadapt.tune import parse_grid, tune
 
@@ -195,10 +194,14 @@ def cmd_tune(args) -> int:
     if lambda_grid is not None and any(not 0 <= v <= 1 for v in lambda_grid):
         raise LmadaptError("--grid lambda values must be in [0, 1]")
     device = _device(args.device)
-    model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
-    best = tune(model, corpus, method, split=args.split, params=params, grid_overrides=grids,
+    from lmadapt.text import load_eval_inputs
+
+    model, corpus, split = load_eval_inputs(args.run_dir, hf_model=args.hf_model, text=args.text, data=args.data,
+                                            data_dir=args.data_dir, split=args.split, context=args.context,
+                                            keep=args.context_keep, device=device)
+    best = tune(model, corpus, method, split=split, params=params, grid_overrides=grids,
                 lambda_grid=lambda_grid, device=device, segment_len=args.segment, max_passes=args.max_passes)
-    best["run_dir"] = str(args.run_dir)
+    best["run_dir"] = str(args.run_dir or args.hf_model)
     runs.write_json(Path(args.out), best)
     print(f"{best['method']} on {best['split']}: ppl {best['ppl']:.2f} (lstm {best['lstm_ppl']:.2f}, "
           f"{best['delta_vs_lstm_percent']:+.1f}%) after {best['passes']} passes")
@@ -228,11 +231,20 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _source_flags(p) -> None:
+    """What eval and tune score: a run or --hf-model, a corpus split or --text (lmadapt.text)."""
+    p.add_argument("run_dir", nargs="?", help="run directory (or give --hf-model)")
+    p.add_argument("--hf-model", metavar="DIR", help="a causal LM saved with save_pretrained (local files only)")
+    p.add_argument("--text", metavar="FILE", help="score this plain-text file instead of a corpus split")
+    p.add_argument("--context", type=int, help="Transformer context window in tokens (default: the model's maximum)")
+    p.add_argument("--context-keep", type=int, help="tokens kept when the window fills (default: half the window)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lmadapt", description="Dynamic test-time adaptation of LSTM language models.")
+    parser = _Parser(prog="lmadapt", description="Dynamic test-time adaptation of language models (LSTM, GPT-2, any local transformers causal LM).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train an LSTM language model into a run directory")
+    p = sub.add_parser("train", help="train a language model (model.arch=lstm or gpt2) into a run directory")
     p.add_argument("--recipe", help="recipe name (see recipes/) or a .toml file")
     p.add_argument("--data", help="corpus name (ptb, wikitext-2, sample) or a directory with train/valid/test.txt")
     p.add_argument("--data-dir", help="directory holding named corpora (default: $LMADAPT_DATA, then the hub)")
@@ -246,11 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run with test-time adaptation methods (streaming, batch size 1)")
-    p.add_argument("run_dir", nargs="?", help="run directory (or give --hf-model)")
-    p.add_argument("--hf-model", metavar="DIR", help="a causal LM saved with save_pretrained (local files only)")
-    p.add_argument("--text", metavar="FILE", help="score this plain-text file instead of a corpus split")
-    p.add_argument("--context", type=int, help="Transformer context window in tokens (default: the model's maximum)")
-    p.add_argument("--context-keep", type=int, help="tokens kept when the window fills (default: half the window)")
+    _source_flags(p)
     p.add_argument("--data", help="corpus (default: the one the run was trained on)")
     p.add_argument("--data-dir", help="directory holding named corpora")
     p.add_argument("--split", default="valid", choices=["valid", "test", "train"])
@@ -266,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("tune", help="grid-search a method's settings and mixture weights on a split")
-    p.add_argument("run_dir")
+    _source_flags(p)
     p.add_argument("--method", required=True)
     p.add_argument("--split", default="valid", choices=["valid", "test", "train"])
     p.add_argument("--out", required=True, help="best settings as JSON (use with `lmadapt eval --config`)")

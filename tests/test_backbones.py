@@ -338,3 +338,81 @@ def test_missing_hf_extra_is_a_one_line_error(tmp_path, capsys, monkeypatch):
         assert main(args) == 2
         err = capsys.readouterr().err.strip()
         assert 'pip install "lmadapt[hf]"' in err and len(err.splitlines()) == 1, err
+
+
+def test_text_on_a_sentencepiece_run_equals_the_same_text_as_a_corpus_split(tmp_path, capsys):
+    from conftest import write_markov_corpus
+
+    corpus_dir = write_markov_corpus(tmp_path / "corpus", lines=(60, 10, 10))
+    cfg = tiny_config(corpus_dir, ["data.tokenizer=sentencepiece", "data.spm_vocab_size=30", "train.epochs=1"])
+    fit(tmp_path / "run", cfg, load_corpus(cfg.data.name, tokenizer="sentencepiece", spm_vocab_size=30))
+    doc = tmp_path / "doc.txt"
+    doc.write_text("w1 w2 w3 zebra w4\nw5 <unk> w6\n")
+    # the old way: a corpus directory holding a copy of the training split and the text as test
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    for split in ("train", "valid"):
+        (fake / f"{split}.txt").write_text((corpus_dir / f"{split}.txt").read_text())
+    (fake / "test.txt").write_text(doc.read_text())
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["eval", str(tmp_path / "run"), "--text", str(doc), "--method", "cache", "--json", str(a)]) == 0
+    assert main(["eval", str(tmp_path / "run"), "--data", str(fake), "--split", "test", "--method", "cache",
+                 "--json", str(b)]) == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra["tokens"] == rb["tokens"] > 9  # "zebra" is several pieces
+    for name in ("lstm", "cache"):
+        assert ra["methods"][name]["ppl"] == pytest.approx(rb["methods"][name]["ppl"], rel=1e-6)
+    assert ra["units"] == rb["units"]
+
+
+def test_tune_on_an_hf_model_and_a_text(tmp_path):
+    lines = [" ".join(f"w{(i * 7 + j) % 13}" for j in range(9)) for i in range(12)]
+    from lmadapt.backbones.gpt2 import word_tokenizer
+    from lmadapt.corpus import Vocab, word_tokens
+
+    vocab = Vocab.build(word_tokens(lines))
+    model = tiny_gpt2(vocab=len(vocab))
+    d = tmp_path / "m"
+    model.lm.save_pretrained(d)
+    word_tokenizer(vocab).save_pretrained(d)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "best.json"
+    assert main(["tune", "--hf-model", str(d), "--text", str(doc), "--method", "cache", "--grid",
+                 "cache.window=5,20", "--grid", "cache.theta=0.3", "--grid", "lambda=0.1,0.5", "--out", str(out)]) == 0
+    best = json.loads(out.read_text())
+    assert best["split"] == "text" and best["params"]["cache"]["window"] in (5, 20)
+    assert best["ppl"] < best["lstm_ppl"]  # the text repeats: the cache must help
+
+
+@pytest.mark.slow
+def test_gpt2_ddp_two_processes_gloo_match_one_process(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import TINY_SETTINGS, write_markov_corpus
+
+    corpus_dir = write_markov_corpus(tmp_path / "corpus", lines=(60, 10, 10))
+    settings = TINY_SETTINGS + GPT2_SETTINGS + ["model.dropout=0", "train.epochs=1"]
+
+    def args(out):
+        a = ["train", "--data", str(corpus_dir), "--out", str(out), "--threads", "1"]
+        for s in settings:
+            a += ["--set", s]
+        return a
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "lmadapt"] + args(tmp_path / "ddp")
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(args(tmp_path / "single")) == 0
+    a = torch.load(tmp_path / "ddp" / runs.BEST, weights_only=True)
+    b = torch.load(tmp_path / "single" / runs.BEST, weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=2e-4)
+    assert (tmp_path / "ddp" / "hf" / "model.safetensors").is_file()
