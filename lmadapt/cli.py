@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,8 @@ from pathlib import Path
 from lmadapt import runs
 from lmadapt.errors import LmadaptError
 
-RUN_FILES = (runs.CONFIG, runs.VOCAB, runs.SPM, runs.BEST, runs.LAST, runs.METRICS, runs.RESULTS)
+RUN_FILES = (runs.CONFIG, runs.VOCAB, runs.SPM, runs.BEST, runs.LAST, runs.METRICS, runs.RESULTS,
+             "hf")  # hf/: the gpt2 backbone's save_pretrained export (lmadapt.backbones.gpt2)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,7 +48,8 @@ def _check_run_dir_free(out: Path, force: bool) -> None:
         what = "a finished run" if runs.RESULTS in existing else "an unfinished run"
         raise LmadaptError(f"{out} already holds {what}; use --resume to continue it or --force to start over")
     for name in existing:
-        (out / name).unlink()
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def cmd_train(args) -> int:

@@ -416,3 +416,16 @@ def test_gpt2_ddp_two_processes_gloo_match_one_process(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=2e-4)
     assert (tmp_path / "ddp" / "hf" / "model.safetensors").is_file()
+
+
+def test_force_removes_a_previous_hf_export(tmp_path, capsys):
+    from conftest import write_markov_corpus
+
+    corpus_dir = write_markov_corpus(tmp_path / "corpus", lines=(20, 5, 5))
+    out = tmp_path / "r"
+    (out / "hf").mkdir(parents=True)
+    (out / "hf" / "model.safetensors").write_text("stale")
+    args = ["train", "--data", str(corpus_dir), "--out", str(out), "--set", "train.max_steps=1"]
+    assert main(args) == 2 and "already holds" in capsys.readouterr().err
+    assert main(args + ["--set", "model.emb_size=8", "--set", "model.hidden_size=8", "--force"]) == 0
+    assert not (out / "hf").exists()  # an LSTM run: nothing exported, the stale export is gone
