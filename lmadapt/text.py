@@ -67,10 +67,21 @@ class TextCorpus:
 
     @cached_property
     def train(self) -> torch.Tensor:
-        return self.train_source() if self.train_source else torch.empty(0, dtype=torch.long)
+        if self.train_source is None:
+            return torch.empty(0, dtype=torch.long)
+        try:
+            return self.train_source()
+        except LmadaptError as exc:
+            raise LmadaptError(f"the training split (for dyneval's statistics, frequency buckets): {exc}") from None
 
     def train_counts(self) -> torch.Tensor:
-        return torch.bincount(self.train, minlength=self.vocab_size)
+        """Training-split frequencies (report's buckets); zeros, with a warning, without training data."""
+        try:
+            train = self.train
+        except LmadaptError as exc:
+            print(f"lmadapt: warning: no training-split frequencies in the tokens record ({exc})", file=sys.stderr)
+            train = torch.empty(0, dtype=torch.long)
+        return torch.bincount(train, minlength=self.vocab_size)
 
 
 def _split_lines(data: str, data_dir, split: str) -> list[str]:

@@ -429,3 +429,21 @@ def test_force_removes_a_previous_hf_export(tmp_path, capsys):
     assert main(args) == 2 and "already holds" in capsys.readouterr().err
     assert main(args + ["--set", "model.emb_size=8", "--set", "model.hidden_size=8", "--force"]) == 0
     assert not (out / "hf").exists()  # an LSTM run: nothing exported, the stale export is gone
+
+
+def test_text_needs_no_training_corpus_unless_a_method_does(gpt2_run, tmp_path, capsys):
+    root, corpus_dir, _, _ = gpt2_run
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(root / "run", run)
+    meta = json.loads((run / runs.CONFIG).read_text())
+    meta["data"]["name"] = str(tmp_path / "gone")  # the training corpus is no longer there
+    (run / runs.CONFIG).write_text(json.dumps(meta))
+    doc = tmp_path / "doc.txt"
+    doc.write_text((corpus_dir / "test.txt").read_text())
+    assert main(["eval", str(run), "--text", str(doc), "--method", "mbpa+cache"]) == 0
+    assert "no training-split frequencies" in capsys.readouterr().err
+    assert main(["eval", str(run), "--text", str(doc), "--method", "dyneval"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lmadapt: error: the training split (for dyneval") and "unknown corpus" in last
