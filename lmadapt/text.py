@@ -130,7 +130,11 @@ def run_text_corpus(run_dir, cfg, text_path, data=None, data_dir=None) -> TextCo
 def hf_corpus(tokenizer, vocab_size: int, *, text_path=None, data=None, data_dir=None, split="valid") -> TextCorpus:
     """A text file, or a corpus split rebuilt as text (lines + newlines), through an HF tokenizer."""
     def encode(text: str) -> torch.Tensor:
-        ids = tokenizer(text, verbose=False)["input_ids"]
+        try:
+            ids = tokenizer(text, verbose=False)["input_ids"]
+        except Exception as exc:  # tokenizers raises a bare Exception, e.g. for a word without <unk>
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise LmadaptError(f"the model's tokenizer cannot encode the text: {first}") from None
         return torch.tensor(ids, dtype=torch.long)
 
     if text_path is not None:

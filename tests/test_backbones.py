@@ -447,3 +447,19 @@ def test_text_needs_no_training_corpus_unless_a_method_does(gpt2_run, tmp_path, 
     assert main(["eval", str(run), "--text", str(doc), "--method", "dyneval"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("lmadapt: error: the training split (for dyneval") and "unknown corpus" in last
+
+
+def test_hf_tokenizer_that_cannot_encode_the_text_is_a_one_line_error(tmp_path, capsys):
+    from lmadapt.backbones.gpt2 import word_tokenizer
+    from lmadapt.corpus import Vocab
+
+    vocab = Vocab(["a", "b", "<eos>"])  # no <unk>: an unknown word cannot be encoded
+    d = tmp_path / "m"
+    tiny_gpt2(vocab=3).lm.save_pretrained(d)
+    word_tokenizer(vocab).save_pretrained(d)
+    capsys.readouterr()
+    doc = tmp_path / "doc.txt"
+    doc.write_text("a b zz\n")
+    assert main(["eval", "--hf-model", str(d), "--text", str(doc)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot encode the text" in err and len(err.splitlines()) == 1
