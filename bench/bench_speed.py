@@ -77,7 +77,7 @@ def load(args):
 
         model, corpus, cfg = load_for_eval(args.run)
         stream = corpus.split(args.split)
-        desc = (f"run {args.run}: V={model.decoder.out_features:,} d={model.feature_size} "
+        desc = (f"run {args.run}: V={model.vocab_size:,} d={model.feature_size} "
                 f"layers={cfg.model.num_layers} hidden={cfg.model.hidden_size}; {args.split} split "
                 f"({stream.numel():,} tokens)")
         return model, corpus, stream, desc
@@ -189,7 +189,7 @@ def lowrank_vs_naive(model, stream, args) -> dict:
         from lmadapt.memory import EpisodicMemory
 
         def make_memory(model, methods, L, device, index):
-            V = model.decoder.out_features
+            V = model.vocab_size
             return EpisodicMemory(methods[0].memory_window() + L, model.feature_size,
                                   extras={"logits": ((V,), torch.float32)}, index=index)
 
@@ -214,7 +214,7 @@ def lowrank_vs_naive(model, stream, args) -> dict:
     wanted = memory_extras_of([method])
     t_low = t_knn = t_naive = 0.0
     low_parts, naive_parts = [], []
-    decoder = model.decoder
+    decoder = model.output_layer()
     for s in range(0, need, L):
         e = min(need, s + L)
         seg = Segment(positions=torch.arange(s, e), hidden=hidden[s:e], logits=logits[s:e],

@@ -19,6 +19,7 @@ from lmadapt import runs
 from lmadapt.errors import LmadaptError
 from lmadapt.params import NON_NEGATIVE, PROBABILITY, arg, at_least, check_number, to_float
 
+
 class _Parser(argparse.ArgumentParser):
     """argparse exits with code 2 on bad arguments already; keep its message to one line."""
 
@@ -69,7 +70,7 @@ def _clear_aborted_start(out: Path) -> bool:
     if not existing or runs.LAST in existing or runs.BEST in existing:
         return False
     for name in existing:
-        (out / name).unlink()
+        _remove(out / name)
     print(f"{out} held an aborted start (no checkpoint was written); starting over", file=sys.stderr)
     return True
 
@@ -101,11 +102,15 @@ class _ReplacedRun:
         if not self.backup.exists():
             return
         for name in _existing_run_files(self.out):
-            (self.out / name).unlink()
+            _remove(self.out / name)
         for name in self.moved:
             os.replace(self.backup / name, self.out / name)
         shutil.rmtree(self.backup)
         self.moved = []
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()  # hf/ (gpt2 export) is a folder
 
 
 def cmd_train(args) -> int:
@@ -154,6 +159,9 @@ def cmd_train(args) -> int:
             cfg.data.data_dir = args.data_dir
         apply_overrides(cfg, args.set)
         cfg.model.validate()
+        from lmadapt import backbones
+
+        backbones.get(cfg.model.arch).check_training(cfg)  # before loading the corpus
         cfg.data.name, cfg.data.data_dir = absolute_source(cfg.data.name, cfg.data.data_dir)
         label = Path(cfg.data.name).name or "run"
         out = Path(args.out) if args.out else Path("runs") / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -277,8 +285,9 @@ def _outputs_lock(paths: list[Path | None]):
     return stack
 
 
+
 def cmd_eval(args) -> int:
-    from lmadapt.evaluate import build_methods, evaluate_run, format_table, load_for_eval, mixture_lambdas, save_tokens
+    from lmadapt.evaluate import build_methods, evaluate_run, format_table, mixture_lambdas, save_tokens
     from lmadapt.methods import parse_combination
 
     _threads(args.threads)
@@ -293,13 +302,19 @@ def cmd_eval(args) -> int:
     if json_out is not None and tokens_out is not None and json_out.resolve() == tokens_out.resolve():
         raise LmadaptError("--json and --save-tokens name the same file")
     device = _device(args.device)
+    from lmadapt.text import load_eval_inputs
+
     with _outputs_lock([json_out, tokens_out]):
-        model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
-        report, tokens = evaluate_run(model, corpus, args.split, method, params, lambdas, device=device,
+        model, corpus, split = load_eval_inputs(args.run_dir, hf_model=args.hf_model, text=args.text,
+                                                data=args.data, data_dir=args.data_dir, split=args.split,
+                                                context=args.context, keep=args.context_keep, device=device)
+        report, tokens = evaluate_run(model, corpus, split, method, params, lambdas, device=device,
                                       segment_len=args.segment)
-        report["run_dir"] = str(args.run_dir)
+        report["run_dir"] = str(args.run_dir or args.hf_model)
+        if args.text:
+            report["text"] = str(args.text)
         print(format_table(report))
-        rescue = Path(args.run_dir)
+        rescue = Path(args.run_dir) if args.run_dir else None
         if json_out is not None:
             runs.save_output(json_out, lambda p: runs.write_json(p, report), rescue_dir=rescue)
         if tokens_out is not None:
@@ -308,7 +323,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from lmadapt.evaluate import load_for_eval
     from lmadapt.methods import parse_combination
     from lmadapt.tune import parse_grid, tune
 
@@ -318,15 +332,20 @@ def cmd_tune(args) -> int:
     grids, lambda_grid = parse_grid(args.grid, names)
     out = runs.check_output(args.out, "--out", overwrite=args.overwrite)
     device = _device(args.device)
+    from lmadapt.text import load_eval_inputs
+
     with _outputs_lock([out]):
-        model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
-        best = tune(model, corpus, method, split=args.split, params=params, grid_overrides=grids,
+        model, corpus, split = load_eval_inputs(args.run_dir, hf_model=args.hf_model, text=args.text,
+                                                data=args.data, data_dir=args.data_dir, split=args.split,
+                                                context=args.context, keep=args.context_keep, device=device)
+        best = tune(model, corpus, method, split=split, params=params, grid_overrides=grids,
                     lambda_grid=lambda_grid, device=device, segment_len=args.segment, max_passes=args.max_passes)
-        best["run_dir"] = str(args.run_dir)
+        best["run_dir"] = str(args.run_dir or args.hf_model)
         print(f"{best['method']} on {best['split']}: ppl {best['ppl']:.2f} (lstm {best['lstm_ppl']:.2f}, "
               f"{best['delta_vs_lstm_percent']:+.1f}%) after {best['passes']} passes")
         print(f"params {json.dumps(best['params'])}  lambdas {json.dumps(best['lambdas'])}")
-        runs.save_output(out, lambda p: runs.write_json(p, best), rescue_dir=Path(args.run_dir))
+        runs.save_output(out, lambda p: runs.write_json(p, best),
+                         rescue_dir=Path(args.run_dir) if args.run_dir else None)
     print(f"wrote {out}")
     return 0
 
@@ -364,11 +383,22 @@ def cmd_report(args) -> int:
 THREADS = arg(int, NON_NEGATIVE)
 
 
+def _source_flags(p) -> None:
+    """What eval and tune score: a run or --hf-model, a corpus split or --text (lmadapt.text)."""
+    p.add_argument("run_dir", nargs="?", help="run directory (or give --hf-model)")
+    p.add_argument("--hf-model", metavar="DIR", help="a causal LM saved with save_pretrained (local files only)")
+    p.add_argument("--text", metavar="FILE", help="score this plain-text file instead of a corpus split")
+    p.add_argument("--context", type=arg(int, at_least(1)),
+                   help="Transformer context window in tokens (default: the model's maximum)")
+    p.add_argument("--context-keep", type=arg(int, at_least(1)),
+                   help="tokens kept when the window fills (default: half the window)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lmadapt", description="Dynamic test-time adaptation of LSTM language models.")
+    parser = _Parser(prog="lmadapt", description="Dynamic test-time adaptation of language models (LSTM, GPT-2, any local transformers causal LM).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train an LSTM language model into a run directory")
+    p = sub.add_parser("train", help="train a language model (model.arch=lstm or gpt2) into a run directory")
     p.add_argument("--recipe", help="recipe name (see recipes/) or a .toml file")
     p.add_argument("--data", help="corpus name (ptb, wikitext-2, sample) or a directory with train/valid/test.txt")
     p.add_argument("--data-dir", help="directory holding named corpora (default: $LMADAPT_DATA, then the hub)")
@@ -383,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run with test-time adaptation methods (streaming, batch size 1)")
-    p.add_argument("run_dir")
+    _source_flags(p)
     p.add_argument("--data", help="corpus (default: the one the run was trained on)")
     p.add_argument("--data-dir", help="directory holding named corpora")
     p.add_argument("--split", default="valid", choices=["valid", "test", "train"])
@@ -400,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("tune", help="grid-search a method's settings and mixture weights on a split")
-    p.add_argument("run_dir")
+    _source_flags(p)
     p.add_argument("--method", required=True)
     p.add_argument("--split", default="valid", choices=["valid", "test", "train"])
     p.add_argument("--out", required=True, help="best settings as JSON (use with `lmadapt eval --config`)")

@@ -80,8 +80,8 @@ def load_for_eval(run_dir, data: str | None = None, data_dir: str | None = None,
         if corpus.vocab != vocab:
             raise LmadaptError(f"the vocabulary of {run_dir} ({len(vocab):,} words) does not match corpus "
                                f"{name!r} ({len(corpus.vocab):,} words): was the model trained on it?")
-    if len(vocab) != model.decoder.out_features:
-        raise LmadaptError(f"{run_dir}: vocab.json has {len(vocab)} words but the model {model.decoder.out_features}")
+    if len(vocab) != model.vocab_size:
+        raise LmadaptError(f"{run_dir}: vocab.json has {len(vocab)} words but the model {model.vocab_size}")
     return model, corpus, cfg
 
 
@@ -134,21 +134,38 @@ def evaluate_run(model, corpus, split: str, method: str, params: dict[str, dict]
                 derived[combination_name(sub)] = perplexity(mix_log_probs(result.base, keep, lam))
         if derived:
             report["mixtures_from_same_pass"] = derived
+    units = (getattr(corpus, "units", None) or {}).get(split)
+    if units:  # per word and per byte: comparable across tokenizers (lmadapt.text)
+        from lmadapt.text import unit_figures
+
+        report["units"] = units
+        report["methods"][BASE].update(unit_figures(baseline.base, units))
+        if names:
+            report["methods"][combo].update(unit_figures(result.mixed, units))
+    if getattr(corpus, "oov_rate", None) is not None:
+        report["oov_rate"] = corpus.oov_rate
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return report, tokens
 
 
 def format_table(report: dict) -> str:
     rows = [("method", "ppl", "Δ vs lstm", "tokens/s")]
+    units = "units" in report
+    if units:
+        rows[0] += ("word ppl", "bits/byte")
     base = report["methods"][BASE]["ppl"]
     for name, e in report["methods"].items():
         delta = "—" if name == BASE else f"{100 * (e['ppl'] / base - 1):+.1f}%"
         rows.append((name, f"{e['ppl']:.2f}", delta, f"{e['tokens_per_second']:.0f}"))
+        if units:
+            rows[-1] += (f"{e['word_ppl']:.2f}", f"{e['bits_per_byte']:.4f}")
     for name, ppl in report.get("mixtures_from_same_pass", {}).items():
-        rows.append((f"({name})", f"{ppl:.2f}", f"{100 * (ppl / base - 1):+.1f}%", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append((f"({name})", f"{ppl:.2f}", f"{100 * (ppl / base - 1):+.1f}%", "") + ("", "") * units)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.append(f"{report['split']}: {report['tokens']:,} tokens scored; peak RSS {report['peak_rss_mb']:.0f} MB")
+    if "oov_rate" in report:
+        lines.append(f"out-of-vocabulary words: {100 * report['oov_rate']:.2f}% (scored as <unk>)")
     return "\n".join(lines)
 
 

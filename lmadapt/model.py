@@ -36,12 +36,21 @@ class LMConfig:
     weight_drop: float = 0.1        # DropConnect on the hidden-to-hidden LSTM weights
     tie_weights: bool = True        # softmax weight = embedding (projection added if sizes differ)
     softmax: str = "full"           # output layer kind ("full"; "hebbian" is a training-time option)
+    # Backbone (lmadapt.backbones): "lstm" uses the fields above, "gpt2" the ones below
+    # (a transformers GPT-2 built from them; dropout is its embd/resid/attn dropout).
+    arch: str = "lstm"
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    context: int = 128              # GPT-2 positions (n_positions): the longest context it sees
+    dropout: float = 0.1
 
     # Valid ranges (lmadapt.params): checked when a value is set and again by validate().
     RANGES: ClassVar[dict] = {
         "vocab_size": at_least(1), "emb_size": at_least(1), "hidden_size": at_least(1), "num_layers": at_least(1),
         **{name: between(0, 1, hi_open=True) for name in
-           ("dropout_embedding", "dropout_input", "dropout_hidden", "dropout_output", "weight_drop")},
+           ("dropout_embedding", "dropout_input", "dropout_hidden", "dropout_output", "weight_drop", "dropout")},
+        "n_layer": at_least(1), "n_embd": at_least(1), "n_head": at_least(1), "context": at_least(1),
     }
 
     def validate(self) -> None:
@@ -49,6 +58,10 @@ class LMConfig:
         from lmadapt.params import check_fields
 
         check_fields(self, "model.")
+        from lmadapt.backbones import ARCHS
+
+        if self.arch not in ARCHS:
+            raise LmadaptError(f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.softmax not in ("full", "hebbian"):
             raise LmadaptError(f"model.softmax must be 'full' or 'hebbian', got {self.softmax!r}")
 
@@ -64,6 +77,10 @@ def sequence_dropout(x: torch.Tensor, p: float, training: bool, variational: boo
 
 
 class LSTMLM(nn.Module):
+    """The LSTM backbone (lmadapt.backbones.base.Backbone): the state is one (h, c) pair per layer."""
+
+    train_carries_state = True      # truncated BPTT carries the state across training batches
+
     def __init__(self, config: LMConfig):
         super().__init__()
         config.validate()
@@ -90,6 +107,39 @@ class LSTMLM(nn.Module):
     def feature_size(self) -> int:
         """Size of the softmax-layer input (the memory key size)."""
         return self.decoder.in_features
+
+    @property
+    def vocab_size(self) -> int:
+        return self.decoder.out_features
+
+    def output_layer(self) -> nn.Linear:
+        """The softmax layer (weight, bias) that MbPA adapts and hidden feeds."""
+        return self.decoder
+
+    def adaptable_parameters(self, which: str) -> list[nn.Parameter]:
+        """What dynamic evaluation may move: "all", "output" (the softmax layer) or "lstm"."""
+        from lmadapt.backbones.base import unique_parameters
+
+        if which == "output":
+            return unique_parameters(self.decoder.parameters())
+        if which == "lstm":
+            return unique_parameters(self.layers.parameters())
+        return unique_parameters(self.parameters())
+
+    @staticmethod
+    def detach_state(state: State) -> State:
+        return detach_state(state)
+
+    @staticmethod
+    def state_cat(states: list[State]) -> State:
+        """Per-rank states -> one state over the whole batch (for checkpoints)."""
+        return [(torch.cat([s[i][0] for s in states], 1), torch.cat([s[i][1] for s in states], 1))
+                for i in range(len(states[0]))]
+
+    @staticmethod
+    def state_slice(state: State, start: int, end: int) -> State:
+        """Rows start:end of the batch (one DDP rank's share of a checkpointed state)."""
+        return [(h[:, start:end], c[:, start:end]) for h, c in state]
 
     def reset_parameters(self) -> None:
         init = 0.1

@@ -38,7 +38,7 @@ BEST = "model.pt"
 LAST = "last.pt"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
-RUN_FILES = (CONFIG, VOCAB, SPM, BEST, LAST, METRICS, RESULTS)
+RUN_FILES = (CONFIG, VOCAB, SPM, BEST, LAST, METRICS, RESULTS, "hf")  # hf/: the gpt2 export (a folder)
 LOCK = ".lmadapt.lock"
 
 

@@ -2,7 +2,7 @@
 
 The evaluation split is walked in order as one stream (batch size 1, as the
 papers evaluate), in segments for speed. Per segment: LSTM forward with
-carried state -> the segment's (hidden, next word) pairs are written to the
+carried state (lmadapt.backbones: the LSTM's (h, c), a Transformer's key/value window) -> the segment's (hidden, next word) pairs are written to the
 shared memory -> each mixture method gives p(target) reading only positions
 strictly before each row (every memory read is windowed by position, which is
 why results do not depend on the segment length) -> mix with λ and score ->
@@ -23,7 +23,6 @@ from tqdm import tqdm
 from lmadapt.memory import COLUMN_BLOCKED, EpisodicMemory
 from lmadapt.methods import EvalContext, Method, Segment
 from lmadapt.mix import mix_log_probs
-from lmadapt.model import detach_state
 from lmadapt.train import progress_enabled
 
 
@@ -77,7 +76,7 @@ def make_memory(model, methods: list[Method], segment_len: int, device, memory_i
         window = min(window, stream_len)
     if window <= 0:
         return None
-    V = model.decoder.out_features
+    V = model.vocab_size
     extras = {name: ((V,), dt, LAYOUT.get(name)) for name, dt in _requested_extras(methods).items()}
     return EpisodicMemory(window + segment_len, model.feature_size, device=device, extras=extras, index=memory_index)
 
@@ -142,7 +141,7 @@ def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str,
         loss = -base.mean()
         for m in methods:
             m.observe(seg, loss)
-        state = detach_state(new_state)
+        state = model.detach_state(new_state)
         base_out[s:e] = base.detach()
         bar.update(e - s)
     seconds = time.perf_counter() - start

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
-from lmadapt import runs
+from lmadapt import backbones, runs
 from lmadapt.config import RunConfig
 from lmadapt.errors import LmadaptError
 from lmadapt.hebbian import HebbianSoftmax
-from lmadapt.model import LSTMLM, count_parameters, detach_state
+from lmadapt.model import count_parameters
 
 
 class TrainingDiverged(LmadaptError):
@@ -83,7 +84,7 @@ def progress_enabled() -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: LSTMLM, data: torch.Tensor, batch_size: int, bptt: int, device, amp: str = "none",
+def evaluate(model, data: torch.Tensor, batch_size: int, bptt: int, device, amp: str = "none",
              desc: str | None = None) -> tuple[float, int]:
     """Sum of negative log-likelihoods (nats) and number of predicted tokens over a stream.
 
@@ -284,8 +285,9 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
     torch.manual_seed(t.seed + ddp.rank)
     torch.use_deterministic_algorithms(True, warn_only=True)
     cfg.model.vocab_size = len(corpus.vocab)
+    backbones.get(cfg.model.arch).check_training(cfg)
 
-    model = LSTMLM(cfg.model).to(device)
+    model = backbones.build(cfg.model).to(device)
     amp_requested = t.amp
     problem = amp_problem(model, device, t.amp)
     if problem is not None:
@@ -314,7 +316,8 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
     prog = dict(epoch=0, step_in_epoch=0, global_step=0, best_valid=float("inf"), bad_validations=0,
                 lr_scale=1.0, asgd=False, valid_history=[], train_seconds=0.0, tokens_seen=0,
                 stopped_because=None)
-    state = model.init_state(local, device)
+    # A backbone that does not carry state in training starts every batch afresh (None).
+    state = model.init_state(local, device) if model.train_carries_state else None
     optimizer = _make_optimizer(cfg, model.parameters(), asgd=False)
     hebbian = None
     if cfg.model.softmax == "hebbian":
@@ -331,9 +334,8 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
             if prog["asgd"]:
                 optimizer = _make_optimizer(cfg, model.parameters(), asgd=True)
             optimizer.load_state_dict(ckpt["optimizer"])
-            full_state = ckpt["state"]
-            state = [(h[:, ddp.rank * local:(ddp.rank + 1) * local].to(device),
-                      c[:, ddp.rank * local:(ddp.rank + 1) * local].to(device)) for h, c in full_state]
+            if model.train_carries_state:
+                state = model.state_slice(ckpt["state"], ddp.rank * local, (ddp.rank + 1) * local)
             rng = ckpt["rng"]
             _set_rng_state(rng[ddp.rank] if ddp.rank < len(rng) else rng[0], device)
             if hebbian is not None:
@@ -356,11 +358,10 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
 
     def checkpoint():
         # Every rank contributes its carried state and RNG; rank 0 writes one file.
-        states = ddp.gather([(h.cpu(), c.cpu()) for h, c in state])
+        states = ddp.gather(tree_map(lambda v: v.cpu() if isinstance(v, torch.Tensor) else v, state))
         rngs = ddp.gather(_rng_state(device))
         if ddp.main:
-            full = [(torch.cat([s[i][0] for s in states], 1), torch.cat([s[i][1] for s in states], 1))
-                    for i in range(len(state))]
+            full = model.state_cat(states) if model.train_carries_state else None
             runs.save_tensors(run_dir / runs.LAST, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "progress": dict(prog), "state": full, "rng": rngs,
@@ -415,12 +416,12 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
             x, y = columns[:, i:i + seq], columns[:, i + 1:i + 1 + seq]
             for group in optimizer.param_groups:
                 group["lr"] = t.lr * _lr_factor(cfg, prog, total_steps)
-            state = detach_state(state)
+            state = model.detach_state(state) if model.train_carries_state else None
             sampled = t.sampled_softmax > 0 and _budget_done(cfg, prog, total_steps) < t.sampled_softmax_until
             with autocast(device, t.amp):
                 hidden, logits, state = train_model(x, state, compute_logits=not sampled)
                 if sampled:
-                    loss = sampled_softmax_loss(hidden, y, model.decoder, t.sampled_softmax, log_q)
+                    loss = sampled_softmax_loss(hidden, y, model.output_layer(), t.sampled_softmax, log_q)
             if not sampled:
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
             if not torch.isfinite(loss):
@@ -433,7 +434,7 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
             optimizer.step()
             if hebbian is not None:  # after the gradient step, as the method prescribes
-                hebbian.update(model.decoder.weight, hidden, y, all_reduce=ddp.all_reduce if ddp.enabled else None)
+                hebbian.update(model.output_layer().weight, hidden, y, all_reduce=ddp.all_reduce if ddp.enabled else None)
 
             prog["step_in_epoch"] += 1
             prog["global_step"] += 1
@@ -490,10 +491,11 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
     return results
 
 
-def final_results(run_dir: Path, cfg: RunConfig, corpus, model: LSTMLM, prog: dict, device) -> dict:
+def final_results(run_dir: Path, cfg: RunConfig, corpus, model, prog: dict, device) -> dict:
     """Reload the best weights and score valid and test at the final batch size."""
     t = cfg.train
     model.load_state_dict(runs.load_tensors(run_dir / runs.BEST, map_location=device))
+    backbones.get(cfg.model.arch).export(run_dir, model, corpus)  # e.g. gpt2: hf/ for transformers
     start = time.perf_counter()
     out = {}
     for split in ("valid", "test"):
@@ -523,12 +525,12 @@ def final_results(run_dir: Path, cfg: RunConfig, corpus, model: LSTMLM, prog: di
     return results
 
 
-def load_model(run_dir: str | Path, device="cpu") -> tuple[LSTMLM, RunConfig, dict]:
+def load_model(run_dir: str | Path, device="cpu") -> tuple[torch.nn.Module, RunConfig, dict]:
     """A trained model from a run directory (best weights), its config and the raw config.json."""
     run_dir = runs.require_run_dir(run_dir)
     meta = runs.read_json(run_dir / runs.CONFIG)
     cfg = RunConfig.from_dict(meta, source=str(run_dir / runs.CONFIG))
-    model = LSTMLM(cfg.model)
+    model = backbones.build(cfg.model)
     try:
         model.load_state_dict(runs.load_tensors(run_dir / runs.BEST, map_location=device))
     except RuntimeError as exc:

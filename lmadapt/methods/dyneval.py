@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import Method, Segment
-from lmadapt.model import detach_state
 from lmadapt.params import NON_NEGATIVE, POSITIVE, at_least, between
 
 
@@ -59,18 +58,7 @@ class DynamicEvaluation(Method):
             raise LmadaptError(f"dyneval segment must be >= 1, got {p.segment}")
 
     def _select(self, model) -> list[torch.nn.Parameter]:
-        if self.params.adapt == "output":
-            chosen = list(model.decoder.parameters())
-        elif self.params.adapt == "lstm":
-            chosen = list(model.layers.parameters())
-        else:
-            chosen = list(model.parameters())
-        unique, seen = [], set()
-        for p in chosen:  # tied weights appear once
-            if id(p) not in seen:
-                seen.add(id(p))
-                unique.append(p)
-        return unique
+        return model.adaptable_parameters(self.params.adapt)  # tied weights appear once
 
     def start(self, ctx) -> None:
         model = ctx.model
@@ -103,13 +91,13 @@ class DynamicEvaluation(Method):
         p = self.params
         stream = train[: p.stat_tokens + 1].to(self.device)
         sums = [torch.zeros_like(q) for q in self.adapted]
-        state, count = None, 0
+        state, count = self.model.init_state(1, self.device), 0
         for s in range(0, stream.numel() - 1, p.segment):
             x = stream[s:s + p.segment].unsqueeze(0)
             y = stream[s + 1:s + 1 + p.segment].unsqueeze(0)
             x = x[:, :y.size(1)]
             _, logits, state = self.model(x, state)
-            state = detach_state(state)
+            state = self.model.detach_state(state)
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
             grads = torch.autograd.grad(loss, self.adapted)
             for acc, g in zip(sums, grads):

@@ -104,7 +104,7 @@ class MbPA(Method):
 
     def start(self, ctx) -> None:
         self.memory = ctx.memory
-        self.decoder = ctx.model.decoder
+        self.decoder = ctx.model.output_layer()  # shares the weight: sees dyneval's updates
         p = self.params
         self.local = LinearMbPA(self.decoder.weight.detach(), self.decoder.bias.detach(), k=p.k, alpha=p.alpha,
                                 steps=p.steps, beta=p.beta, eps=p.eps, normalise=p.normalise,
