@@ -62,12 +62,20 @@ def _existing_run_files(out: Path) -> list[str]:
     return [name for name in runs.RUN_FILES if (out / name).exists()]
 
 
+_START_FILES = {runs.CONFIG, runs.VOCAB, runs.SPM, runs.METRICS}  # what a run writes before any training
+
+
+def _is_aborted_start(out: Path) -> bool:
+    existing = set(_existing_run_files(out))
+    return bool(existing) and existing <= _START_FILES
+
+
 def _clear_aborted_start(out: Path) -> bool:
     """A run directory whose training died before its first checkpoint holds only the files
     written at the start (config, vocabulary, empty metrics): nothing worth keeping. Remove
     them, so that a rerun starts cleanly instead of being refused. True if it did."""
     existing = _existing_run_files(out)
-    if not existing or runs.LAST in existing or runs.BEST in existing:
+    if not _is_aborted_start(out):
         return False
     for name in existing:
         _remove(out / name)
@@ -168,8 +176,7 @@ def cmd_train(args) -> int:
         if out.exists() and not out.is_dir():
             raise LmadaptError(f"--out {out} exists and is not a directory")
         runs.check_writable_dir(out, "--out")
-        if main_rank and not args.force and _existing_run_files(out) and (
-                runs.LAST in _existing_run_files(out) or runs.BEST in _existing_run_files(out)):
+        if main_rank and not args.force and _existing_run_files(out) and not _is_aborted_start(out):
             what = "a finished run" if (out / runs.RESULTS).exists() else "an unfinished run"
             raise LmadaptError(f"{out} already holds {what}; use --resume to continue it or --force to start over")
         corpus = load_corpus(cfg.data.name, cfg.data.data_dir, tokenizer=cfg.data.tokenizer,
