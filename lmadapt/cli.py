@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lmadapt import runs
 from lmadapt.errors import LmadaptError
-from lmadapt.params import NON_NEGATIVE, PROBABILITY, arg, at_least, check_number, to_float
+from lmadapt.params import NON_NEGATIVE, POSITIVE, PROBABILITY, arg, at_least, check_number, to_float
 
 
 class _Parser(argparse.ArgumentParser):
@@ -304,6 +304,14 @@ def cmd_eval(args) -> int:
     # Build and validate the methods (ranges, λ, K vs N, ...) and the outputs before the long pass.
     build_methods(names, params)
     mixture_lambdas(names, lambdas)
+    if args.tune:
+        if not names:
+            raise LmadaptError("--tune needs a --method to tune (e.g. mbpa+cache)")
+        if args.text or args.hf_model:
+            raise LmadaptError("--tune tunes on a run's valid split; with --text or --hf-model use `lmadapt tune` "
+                               "on a held-out text first")
+        if args.split == "valid":
+            raise LmadaptError("--tune tunes on the valid split, so it cannot also score it: use --split test")
     json_out = runs.check_output(args.json, "--json", overwrite=args.overwrite)
     tokens_out = runs.check_output(args.save_tokens, "--save-tokens", overwrite=args.overwrite)
     if json_out is not None and tokens_out is not None and json_out.resolve() == tokens_out.resolve():
@@ -315,18 +323,57 @@ def cmd_eval(args) -> int:
         model, corpus, split = load_eval_inputs(args.run_dir, hf_model=args.hf_model, text=args.text,
                                                 data=args.data, data_dir=args.data_dir, split=args.split,
                                                 context=args.context, keep=args.context_keep, device=device)
+        settings = _settings_record(args, names)
+        if args.tune:
+            params, lambdas = _tune_for_eval(args, model, corpus, method, params, device, settings)
         report, tokens = evaluate_run(model, corpus, split, method, params, lambdas, device=device,
                                       segment_len=args.segment)
         report["run_dir"] = str(args.run_dir or args.hf_model)
+        if names:
+            from lmadapt.methods import combination_name
+
+            entry = report["methods"][combination_name(names)]
+            entry["settings"] = settings["source"]
+            # Top-level method/params/lambdas: the report is itself a valid --config file.
+            report.update(method=combination_name(names), params=entry["params"], lambdas=entry["lambdas"],
+                          settings=settings)
         if args.text:
             report["text"] = str(args.text)
         print(format_table(report))
+        if names:
+            print(f"settings: {settings['source']}")
         rescue = Path(args.run_dir) if args.run_dir else None
         if json_out is not None:
             runs.save_output(json_out, lambda p: runs.write_json(p, report), rescue_dir=rescue)
         if tokens_out is not None:
             runs.save_output(tokens_out, lambda p: save_tokens(p, tokens), rescue_dir=rescue)
     return 0
+
+
+def _settings_record(args, names: list[str]) -> dict:
+    """Where the evaluated settings came from: defaults, --config, flags (or --tune, below)."""
+    flags = sorted(k for k, v in vars(args).items() if v is not None and k.startswith(("m__", "lambda__")))
+    if not names:
+        return {"source": "none"}
+    source = "+".join([*(["config"] if args.config else []), *(["flags"] if flags else [])]) or "defaults"
+    return {"source": source, **({"config": str(args.config)} if args.config else {})}
+
+
+def _tune_for_eval(args, model, corpus, method, params, device, settings) -> tuple[dict, dict]:
+    """--tune: settings and λ from a grid search on a valid prefix sized to --tune-minutes."""
+    from lmadapt.tune import tune_in_budget
+
+    result = tune_in_budget(model, corpus, method, minutes=args.tune_minutes, split="valid", params=params,
+                            device=device, segment_len=args.segment)
+    if "fallback" in result:
+        runs.warn(f"{result['fallback']}; evaluating with the settings from {settings['source']}")
+        settings.update(source=f"{settings['source']} (tuning fell back)", tune_fallback=result["fallback"])
+        return params, {}
+    on = result["tuned_on"]
+    print(f"tuned on valid[:{on['tokens']:,}] of {on['of']:,} tokens ({on['passes']} passes, {on['seconds']:.0f} s): "
+          f"params {json.dumps(result['params'])}  lambdas {json.dumps(result['lambdas'])}", file=sys.stderr)
+    settings.update(source="tune", tuned_on=on, tune_valid_ppl=result["ppl"], tune_lstm_ppl=result["lstm_ppl"])
+    return result["params"], result["lambdas"]
 
 
 def cmd_tune(args) -> int:
@@ -431,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--save-tokens", help="write per-token log-probabilities of every method here (.pt)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json/--save-tokens file")
+    p.add_argument("--tune", action="store_true",
+                   help="first tune the methods' settings and λ on a valid prefix that fits --tune-minutes")
+    p.add_argument("--tune-minutes", type=arg(float, POSITIVE), default=3.0, help="tuning budget (default 3)")
     p.add_argument("--device", default="auto", help=DEVICES)
     p.add_argument("--threads", type=THREADS, default=0)
     _method_flags(p)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import time
 
 from tqdm import tqdm
 
@@ -72,7 +73,8 @@ def _settings(name: str, fixed: dict, grid_override: dict) -> list[dict]:
 
 def tune(model, corpus, method: str, *, split: str = "valid", params: dict | None = None,
          grid_overrides: dict | None = None, lambda_grid: list[float] | None = None, device="cpu",
-         segment_len: int | None = None, max_passes: int = 200) -> dict:
+         segment_len: int | None = None, max_passes: int = 200, tokens: int | None = None) -> dict:
+    """Grid search on `split` (its first `tokens` + 1 ids when given)."""
     names = parse_combination(method)
     if not names:
         raise LmadaptError("nothing to tune for the plain lstm")
@@ -80,6 +82,8 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
     grid_overrides = grid_overrides or {}
     lambda_grid = lambda_grid if lambda_grid is not None else DEFAULT_LAMBDA_GRID
     stream = corpus.split(split)
+    if tokens is not None:
+        stream = stream[:tokens + 1]
     mixers = [n for n in names if not REGISTRY[n].adapts_model]
     adapters = [n for n in names if REGISTRY[n].adapts_model]
     plan = {n: _settings(n, params.get(n, {}), grid_overrides.get(n, {})) for n in names}
@@ -171,4 +175,51 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
     }
 
 
-__all__ = ["tune", "parse_grid"]
+MIN_TUNE_TOKENS = 200  # below this a grid search on a prefix says more about noise than settings
+
+
+def grid_with_defaults(names: list[str], params: dict) -> dict[str, dict[str, list]]:
+    """Each method's grid with its default (or given) value added to every axis, so the
+    search can always fall back on the setting it would otherwise have used."""
+    out = {}
+    for name in names:
+        cls = REGISTRY[name]
+        base = build_methods([name], {name: params.get(name, {})})[0].params
+        out[name] = {k: sorted({*values, getattr(base, k)}, key=str) for k, values in cls.grid.items()
+                     if k not in params.get(name, {})}
+    return out
+
+
+def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "valid", params: dict | None = None,
+                   device="cpu", segment_len: int | None = None, probe_tokens: int = 400) -> dict:
+    """`lmadapt eval --tune`: the full `tune` grid on the longest prefix of `split` that fits
+    in `minutes`. A pass is priced by timing the requested combination at its current
+    settings on a short prefix (an upper bound: a tuning pass runs at most that much);
+    the prefix is then cut so that every grid pass fits. Returns tune()'s result with a
+    `tuned_on` record, or {"fallback": reason} when not even a minimal prefix fits."""
+    names = parse_combination(method)
+    params = params or {}
+    grids = grid_with_defaults(names, params)
+    passes = sum(len(_settings(n, params.get(n, {}), grids.get(n, {}))) for n in names) + 1
+    stream = corpus.split(split)
+    available = stream.numel() - 1
+    start = time.perf_counter()
+    probe = min(probe_tokens, available)
+    lam = {n: 0.0 for n in names if not REGISTRY[n].adapts_model}
+    stream_eval(model, stream[:probe + 1], build_methods(names, params), lam, corpus=corpus, device=device,
+                segment_len=segment_len)
+    per_token = (time.perf_counter() - start) / max(probe, 1)
+    left = 60 * minutes - (time.perf_counter() - start)
+    tokens = min(available, int(left / (passes * per_token))) if left > 0 else 0
+    if tokens < MIN_TUNE_TOKENS:
+        need = passes * per_token * MIN_TUNE_TOKENS / 60
+        return {"fallback": f"--tune-minutes {minutes:g} is too short for the {passes}-pass grid even on "
+                            f"{MIN_TUNE_TOKENS} {split} tokens (about {need:.1f} min needed)"}
+    best = tune(model, corpus, method, split=split, params=params, grid_overrides=grids, device=device,
+                segment_len=segment_len, max_passes=max(passes, 1), tokens=tokens)
+    best["tuned_on"] = {"split": split, "tokens": tokens, "of": available, "passes": passes,
+                        "minutes_budget": minutes, "seconds": round(time.perf_counter() - start, 1)}
+    return best
+
+
+__all__ = ["tune", "tune_in_budget", "parse_grid"]
