@@ -94,22 +94,8 @@ def check_fields(obj: Any, prefix: str) -> None:
             check_number(label, v, ranges.get(f.name))
 
 
-def to_int(text: Any, name: str) -> int:
-    """An integer from a string or number; '3.0' and 3.0 are 3, '3.5', 'inf', 'nan' are refused."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    try:
-        x = float(text)
-    except (TypeError, ValueError, OverflowError):
-        raise LmadaptError(f"{name} expects an integer, got {text!r}") from None
-    if not math.isfinite(x):
-        raise LmadaptError(f"{name} must be a finite integer, got {text}")
-    if x != int(x):
-        raise LmadaptError(f"{name} expects an integer, got {text!r}")
-    return int(x)
-
-
 def to_float(text: Any, name: str) -> float:
+    """A finite float from a string or number."""
     try:
         x = float(text)
     except (TypeError, ValueError, OverflowError):
@@ -117,6 +103,20 @@ def to_float(text: Any, name: str) -> float:
     if not math.isfinite(x):
         raise LmadaptError(f"{name} must be a finite number, got {text}")
     return x
+
+
+def to_int(text: Any, name: str) -> int:
+    """An integer from a string or number; '3.0' and 3.0 are 3, '3.5', 'inf', 'nan' are refused."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    try:
+        x = to_float(text, name)
+    except LmadaptError as exc:
+        raise LmadaptError(str(exc).replace("a number", "an integer").replace("finite number", "finite integer")) \
+            from None
+    if x != int(x):
+        raise LmadaptError(f"{name} expects an integer, got {text!r}")
+    return int(x)
 
 
 def arg(kind: type, rng: Range | None = None):
