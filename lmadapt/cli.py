@@ -117,8 +117,10 @@ def _method_flags(parser) -> None:
         group = parser.add_argument_group(f"{name} settings")
         for f in dataclasses.fields(cls.Params):
             default = f.default
+            # A bare boolean flag (--knn-recompute) means true; it still takes an explicit value.
+            switch = {"nargs": "?", "const": "true"} if isinstance(default, bool) else {}
             group.add_argument(f"--{name}-{f.name.replace('_', '-')}", dest=f"m__{name}__{f.name}", default=None,
-                               metavar=type(default).__name__.upper(), help=f"default {default}")
+                               metavar=type(default).__name__.upper(), help=f"default {default}", **switch)
         if not cls.adapts_model:
             group.add_argument(f"--lambda-{name}", dest=f"lambda__{name}", type=float, default=None,
                                help="mixture weight")
@@ -137,7 +139,21 @@ def _method_settings(args, config: dict) -> tuple[str, dict, dict]:
             params.setdefault(name, {})[field] = value
         elif key.startswith("lambda__"):
             lambdas[key.split("__")[1]] = value
+    if getattr(args, "datastore", None):
+        params.setdefault("knn", {})["datastore"] = args.datastore
     return method, params, lambdas
+
+
+def _check_datastore(run_dir, names: list[str], params: dict, model, corpus, split: str) -> None:
+    """Before the long pass: kNN needs a datastore of this model, built from another split."""
+    if "knn" not in names:
+        return
+    path = params.get("knn", {}).get("datastore")
+    if not path:
+        raise LmadaptError("--method knn needs --datastore DIR (build one with `lmadapt datastore build`)")
+    from lmadapt.datastore import open_datastore
+
+    open_datastore(path).check_for_eval(run_dir, corpus.split(split), split, model)
 
 
 def cmd_eval(args) -> int:
@@ -160,6 +176,7 @@ def cmd_eval(args) -> int:
 
     build_methods(parse_combination(method), params)
     mixture_lambdas(parse_combination(method), lambdas)
+    _check_datastore(args.run_dir, parse_combination(method), params, model, corpus, args.split)
     report, tokens = evaluate_run(model, corpus, args.split, method, params, lambdas, device=device,
                                   segment_len=args.segment)
     report["run_dir"] = str(args.run_dir)
@@ -187,6 +204,7 @@ def cmd_tune(args) -> int:
         raise LmadaptError("--grid lambda values must be in [0, 1]")
     device = _device(args.device)
     model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
+    _check_datastore(args.run_dir, names, params, model, corpus, args.split)
     best = tune(model, corpus, method, split=args.split, params=params, grid_overrides=grids,
                 lambda_grid=lambda_grid, device=device, segment_len=args.segment, max_passes=args.max_passes)
     best["run_dir"] = str(args.run_dir)
@@ -216,6 +234,27 @@ def cmd_report(args) -> int:
         runs.write_json(out.with_suffix(".json"), rep)
         plot_png(rep, out.with_suffix(".png"))
         print(f"wrote {out}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")
+    return 0
+
+
+def cmd_datastore_build(args) -> int:
+    import torch
+
+    from lmadapt import datastore
+    from lmadapt.evaluate import load_for_eval
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
+    manifest = datastore.build(args.run_dir, args.out, model=model, corpus=corpus, split=args.split,
+                               index=args.index, device=device, force=args.force, log=datastore.log_stderr)
+    if manifest is not None:
+        sec = manifest["seconds"]
+        total = sum(manifest["bytes"].values())
+        print(f"datastore {args.out}: {manifest['keys']:,} keys, index {manifest['index']['type']}, "
+              f"{total / 1e6:.1f} MB; embed {sec.get('embed', 0):.1f} s, train {sec['train']:.1f} s, "
+              f"add {sec['add']:.1f} s")
     return 0
 
 
@@ -249,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-tokens", help="write per-token log-probabilities of every method here (.pt)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--datastore", help="kNN-LM datastore directory (`lmadapt datastore build`)")
     _method_flags(p)
     p.set_defaults(func=cmd_eval)
 
@@ -265,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--datastore", help="kNN-LM datastore directory (`lmadapt datastore build`)")
     _method_flags(p)
     p.set_defaults(func=cmd_tune)
 
@@ -276,6 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method-tokens", help="take --method from this second tokens file (another run, same split)")
     p.add_argument("--out", help="Markdown file; .json and .png are written beside it")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("datastore", help="kNN-LM datastores of a run's hidden states")
+    dsub = p.add_subparsers(dest="datastore_command", required=True, parser_class=_Parser)
+    p = dsub.add_parser("build", help="embed a split into a datastore (keys, values, faiss index); "
+                                      "runs sharded under torchrun")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="datastore directory")
+    p.add_argument("--split", default="train", choices=["train", "valid", "test"])
+    p.add_argument("--index", default="auto", help="auto (default), flat or ivfpq:NLIST,M")
+    p.add_argument("--data", help="corpus (default: the one the run was trained on)")
+    p.add_argument("--data-dir", help="directory holding named corpora")
+    p.add_argument("--force", action="store_true", help="rebuild from scratch, replacing what is in --out")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_datastore_build)
 
     from lmadapt.classify.cli import add_parser as add_classify
 

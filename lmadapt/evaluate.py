@@ -15,7 +15,8 @@ from lmadapt.methods import BASE, REGISTRY, Method, combination_name, parse_comb
 from lmadapt.mix import check_lambdas, mix_log_probs, perplexity
 from lmadapt.stream import StreamResult, stream_eval
 
-DEFAULT_LAMBDAS = {"cache": 0.15, "mbpa": 0.1}  # the MbPA paper's best PTB setting (App. B)
+DEFAULT_LAMBDAS = {"cache": 0.15, "mbpa": 0.1,  # the MbPA paper's best PTB setting (App. B)
+                   "knn": 0.25}  # kNN-LM's WikiText-103 setting
 TOKENS_FORMAT = "lmadapt-tokens"
 
 
