@@ -248,7 +248,8 @@ def cmd_datastore_build(args) -> int:
     device = _device(args.device)
     model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
     manifest = datastore.build(args.run_dir, args.out, model=model, corpus=corpus, split=args.split,
-                               index=args.index, device=device, force=args.force, log=datastore.log_stderr)
+                               index=args.index, device=device, force=args.force, log=datastore.log_stderr,
+                               layout=datastore.Layout(args.row, args.warmup, args.rows_per_part))
     if manifest is not None:
         sec = manifest["seconds"]
         total = sum(manifest["bytes"].values())
@@ -329,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="corpus (default: the one the run was trained on)")
     p.add_argument("--data-dir", help="directory holding named corpora")
     p.add_argument("--force", action="store_true", help="rebuild from scratch, replacing what is in --out")
+    p.add_argument("--row", type=int, default=2048, help="positions per independently embedded row")
+    p.add_argument("--warmup", type=int, default=256, help="burn-in positions before each row")
+    p.add_argument("--rows-per-part", type=int, default=32,
+                   help="rows batched into one part (the unit of resumption and sharding)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
     p.set_defaults(func=cmd_datastore_build)

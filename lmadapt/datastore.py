@@ -53,9 +53,9 @@ VALUES = "values.npy"
 INDEX = "index.faiss"
 PARTS = "parts"
 
-ROW = 2048            # positions per independently embedded row
-WARMUP = 256          # burn-in positions fed before each row (outputs discarded)
-ROWS_PER_PART = 32    # rows batched together: one part = 65,536 positions
+ROW = 2048            # default positions per independently embedded row
+WARMUP = 256          # default burn-in positions fed before each row (outputs discarded)
+ROWS_PER_PART = 32    # default rows batched together: one part = 65,536 positions
 STEP = 64             # time steps per forward call (bounds the (rows x STEP x V) logits)
 ADD_BATCH = 65536     # keys per faiss add() call
 FLAT_MAX_ELEMENTS = 1 << 25   # auto: a flat index up to N*d = 33.5M (e.g. 110k keys of d=300)
@@ -93,6 +93,30 @@ def file_sha256(path: Path) -> str:
 
 def tokens_sha256(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.cpu().numpy().astype("<i8").tobytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- layout
+
+@dataclass(frozen=True)
+class Layout:
+    """How the split is cut for embedding; part of a datastore's identity (the keys depend on it)."""
+    row: int = ROW
+    warmup: int = WARMUP
+    rows_per_part: int = ROWS_PER_PART
+
+    def validate(self) -> None:
+        if self.row < 1 or self.rows_per_part < 1 or self.warmup < 0:
+            raise LmadaptError(f"datastore layout needs row >= 1, rows per part >= 1, warmup >= 0; got {self}")
+
+    def to_dict(self) -> dict:
+        return {"row": self.row, "warmup": self.warmup, "rows_per_part": self.rows_per_part, "step": STEP}
+
+    def rows(self, n_keys: int) -> list[tuple[int, int]]:
+        return [(a, min(a + self.row, n_keys)) for a in range(0, n_keys, self.row)]
+
+    def n_parts(self, n_keys: int) -> int:
+        return math.ceil(len(self.rows(n_keys)) / self.rows_per_part)
+
 
 
 # --------------------------------------------------------------------------- index settings
@@ -171,7 +195,7 @@ def _human(b: float) -> str:
     return f"{b:.1f} TB"
 
 
-def sizes(n: int, d: int, vocab: int, spec: IndexSpec) -> dict:
+def sizes(n: int, d: int, vocab: int, spec: IndexSpec, layout: Layout = Layout()) -> dict:
     """Bytes on disk and in RAM for a datastore of n keys of dimension d (model excluded)."""
     keys, values = 2 * n * d, 4 * n
     if spec.kind == "ivfpq":
@@ -182,7 +206,7 @@ def sizes(n: int, d: int, vocab: int, spec: IndexSpec) -> dict:
     else:
         index, train = 0, 0
         eval_ram = 4 * n * d + values    # the flat index holds float32 copies of the keys
-    part_ram = 4 * ROWS_PER_PART * STEP * vocab * 2 + 4 * ROWS_PER_PART * (ROW + WARMUP) * d
+    part_ram = 4 * layout.rows_per_part * (STEP * vocab * 2 + (layout.row + layout.warmup) * d)
     return {
         "keys": keys, "values": values, "index": index, "disk": keys + values + index,
         # parts and the assembled arrays coexist until the manifest is written
@@ -208,8 +232,9 @@ def _calibrate(model, device, d: int) -> tuple[float, float]:
     return rate, flops
 
 
-def estimate_seconds(n: int, d: int, spec: IndexSpec, embed_rate: float, flops: float, world: int = 1) -> dict:
-    embed = n * (1 + WARMUP / ROW) / embed_rate / world
+def estimate_seconds(n: int, d: int, spec: IndexSpec, embed_rate: float, flops: float, world: int = 1,
+                     layout: Layout = Layout()) -> dict:
+    embed = n * (1 + layout.warmup / layout.row) / embed_rate / world
     if spec.kind == "flat":
         return {"embed": embed, "train": 0.0, "add": 0.0}
     t = spec.train_points(n)
@@ -221,24 +246,16 @@ def estimate_seconds(n: int, d: int, spec: IndexSpec, embed_rate: float, flops: 
 
 # --------------------------------------------------------------------------- embedding
 
-def _row_bounds(n_keys: int) -> list[tuple[int, int]]:
-    return [(a, min(a + ROW, n_keys)) for a in range(0, n_keys, ROW)]
-
-
-def n_parts(n_keys: int) -> int:
-    return math.ceil(len(_row_bounds(n_keys)) / ROWS_PER_PART)
-
-
 @torch.no_grad()
-def embed_part(model, stream: torch.Tensor, part: int, device) -> tuple[np.ndarray, np.ndarray]:
+def embed_part(model, stream: torch.Tensor, part: int, device, layout: Layout = Layout()) -> tuple[np.ndarray, np.ndarray]:
     """Keys (float16) and values (int32) of one part, in position order."""
     n_keys = stream.numel() - 1
-    rows = _row_bounds(n_keys)[part * ROWS_PER_PART:(part + 1) * ROWS_PER_PART]
+    rows = layout.rows(n_keys)[part * layout.rows_per_part:(part + 1) * layout.rows_per_part]
     # Rows of equal (burn-in, length) go through the model together: all but the split's
     # first and last row, typically.
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (a, b) in enumerate(rows):
-        groups.setdefault((a - max(0, a - WARMUP), b - a), []).append(i)
+        groups.setdefault((a - max(0, a - layout.warmup), b - a), []).append(i)
     d, _ = backbone_sizes(model)
     out = [None] * len(rows)
     for (warm, length), members in groups.items():
@@ -277,14 +294,15 @@ def _atomic_path(path: Path, write) -> None:
 
 # --------------------------------------------------------------------------- build
 
-def _settings(run_dir: Path, ckpt: str, corpus, split: str, stream, d: int, vocab: int, spec: IndexSpec) -> dict:
+def _settings(run_dir: Path, ckpt: str, corpus, split: str, stream, d: int, vocab: int, spec: IndexSpec,
+              layout: Layout) -> dict:
     return {
         "format": FORMAT, "version": VERSION,
         "run_dir": str(Path(run_dir).resolve()), "checkpoint_sha256": ckpt,
         "corpus": corpus.name, "split": split, "split_sha256": tokens_sha256(stream),
         "keys": int(stream.numel() - 1), "dim": d, "vocab": vocab,
         "key_dtype": "float16", "value_dtype": "int32",
-        "embedding": {"row": ROW, "warmup": WARMUP, "rows_per_part": ROWS_PER_PART, "step": STEP},
+        "embedding": layout.to_dict(),
         "index": spec.to_dict(),
     }
 
@@ -302,7 +320,8 @@ def _check_free(out: Path, need: dict) -> None:
 
 
 def build(run_dir, out, *, model, corpus, split: str = "train", index: str = "auto", device="cpu",
-          force: bool = False, log=print, interrupt_after_parts: int | None = None) -> dict | None:
+          force: bool = False, layout: Layout = Layout(), log=print,
+          interrupt_after_parts: int | None = None) -> dict | None:
     """Build (or resume building) a datastore; returns the manifest (None on non-main ranks).
 
     `interrupt_after_parts` stops abruptly after embedding that many parts in this call:
@@ -319,8 +338,10 @@ def build(run_dir, out, *, model, corpus, split: str = "train", index: str = "au
         d, vocab = backbone_sizes(model)
         n = int(stream.numel() - 1)
         spec = choose_index(n, d, index)
-        settings = _settings(run_dir, file_sha256(run_dir / runs.BEST), corpus, split, stream, d, vocab, spec)
-        need = sizes(n, d, vocab, spec)
+        layout.validate()
+        settings = _settings(run_dir, file_sha256(run_dir / runs.BEST), corpus, split, stream, d, vocab, spec,
+                             layout)
+        need = sizes(n, d, vocab, spec, layout)
 
         # Decide, on rank 0, whether this is done, a resume or a fresh start, before any work.
         manifest_path = out / MANIFEST
@@ -335,13 +356,14 @@ def build(run_dir, out, *, model, corpus, split: str = "train", index: str = "au
                 raise LmadaptError(f"{out} holds a datastore with other settings; use --force to rebuild it")
         model.eval()
         rate, flops = _calibrate(model, device, d)
-        est = estimate_seconds(n, d, spec, rate, flops, dist.world)
+        est = estimate_seconds(n, d, spec, rate, flops, dist.world, layout)
         # Decided and printed on rank 0 only; a refusal there must stop every rank, not
         # leave the others waiting at a barrier.
         refusal = None
         if dist.main:
             try:
-                _plan(out, settings, spec, n, d, need, est, rate, corpus.name, split, index, dist, force, log)
+                _plan(out, settings, spec, layout.n_parts(n), need, est, rate, corpus.name, split, index, dist,
+                      force, log)
             except LmadaptError as exc:
                 refusal = exc
         if not all(dist.gather(refusal is None)):
@@ -349,7 +371,7 @@ def build(run_dir, out, *, model, corpus, split: str = "train", index: str = "au
         dist.barrier()
 
         t0 = time.perf_counter()
-        total = n_parts(n)
+        total = layout.n_parts(n)
         mine = [i for i in range(total) if i % dist.world == dist.rank]
         todo = [i for i in mine if not _part_paths(out, i)[1].is_file()]
         if dist.main and len(todo) < len(mine):
@@ -358,7 +380,7 @@ def build(run_dir, out, *, model, corpus, split: str = "train", index: str = "au
         with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"embed {split}", unit="part",
                   disable=not (dist.main and _progress())) as bar:
             for i in todo:
-                keys, values = embed_part(model, stream, i, device)
+                keys, values = embed_part(model, stream, i, device, layout)
                 kp, vp = _part_paths(out, i)
                 runs.write_bytes(kp, _npy_bytes(keys))
                 runs.write_bytes(vp, _npy_bytes(values))   # last: marks the part finished
@@ -384,13 +406,14 @@ def build(run_dir, out, *, model, corpus, split: str = "train", index: str = "au
 
 
 
-def _plan(out, settings, spec, n, d, need, est, rate, corpus_name, split, index, dist, force, log) -> None:
+def _plan(out, settings, spec, parts, need, est, rate, corpus_name, split, index, dist, force, log) -> None:
     """Print the plan, refuse when disk or RAM cannot hold it, and set up the build directory."""
     build_path = out / BUILD
     mode = "fresh"
     if build_path.is_file() and not force:
         mode = "resume" if runs.read_json(build_path) == settings else "restart (settings changed)"
-    log(f"datastore plan: {n:,} keys x {d} dims from {corpus_name} {split}, {n_parts(n)} parts"
+    n, d = settings["keys"], settings["dim"]
+    log(f"datastore plan: {n:,} keys x {d} dims from {corpus_name} {split}, {parts} parts"
         f"{f' over {dist.world} processes' if dist.enabled else ''}; {mode}")
     log(f"  disk: keys {_human(need['keys'])} (float16) + values {_human(need['values'])} + index "
         f"{_human(need['index'])} = {_human(need['disk'])}; {_human(need['peak_disk'])} at peak (parts)")
