@@ -61,6 +61,7 @@ ADD_BATCH = 65536     # keys per faiss add() call
 FLAT_MAX_ELEMENTS = 1 << 25   # auto: a flat index up to N*d = 33.5M (e.g. 110k keys of d=300)
 PQ_NBITS = 8
 SEED = 0
+CACHE_BYTES = 768 << 20   # search results kept per opened datastore (see Datastore.search)
 
 
 # --------------------------------------------------------------------------- backbone access
@@ -517,6 +518,14 @@ class Datastore:
         if threads:
             faiss.omp_set_num_threads(threads)
         self._index = None
+        # Search results by query bytes: `lmadapt tune` streams the same split once per setting,
+        # and every pass asks the same queries (only k and T change), so one search serves all.
+        # A smaller k is served from a larger one (faiss returns neighbours sorted by its own
+        # distance, so its top k' are the first k' of its top k). Filled until the budget, never
+        # evicted: a sequential scan would evict exactly what the next pass needs first.
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache_bytes = 0
+        self.cache_budget = CACHE_BYTES
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
@@ -546,13 +555,26 @@ class Datastore:
     def search(self, queries: torch.Tensor, k: int, nprobe: int = 32, recompute: bool = False):
         """(squared L2 distances (L, k) float32, ids (L, k) int64; -1 where fewer than k found)."""
         q = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
+        k = min(k, len(self))
+        nprobe = min(nprobe, self.nlist) if self.kind == "ivfpq" else 0
+        key = (hashlib.blake2b(q.tobytes(), digest_size=16).digest(), q.shape, nprobe, recompute)
+        hit = self._cache.get(key)
+        if hit is not None and hit[1].size(1) >= k:
+            return hit[0][:, :k].float(), hit[1][:, :k].long()
         index = self.index
         if self.kind == "ivfpq":
-            index.nprobe = min(nprobe, self.nlist)
-        dist, ids = index.search(q, min(k, len(self)))
+            index.nprobe = nprobe
+        dist, ids = index.search(q, k)
         dist, ids = torch.from_numpy(dist), torch.from_numpy(ids)
         if recompute:
             dist = self.exact_distances(torch.from_numpy(q), ids)
+        size = dist.numel() * 8
+        if hit is not None:
+            self._cache_bytes -= hit[1].numel() * 8
+            del self._cache[key]
+        if self._cache_bytes + size <= self.cache_budget:
+            self._cache[key] = (dist.clone(), ids.to(torch.int32))
+            self._cache_bytes += size
         return dist, ids
 
     def exact_distances(self, q: torch.Tensor, ids: torch.Tensor, rows: int = 16) -> torch.Tensor:

@@ -53,7 +53,8 @@ def knn_target_log_probs(dist: torch.Tensor, ids: torch.Tensor, values: torch.Te
 class KnnLM(Method):
     name = "knn"
     Params = KnnParams
-    grid = {"k": [64, 256, 1024], "temperature": [1.0, 3.0, 10.0, 30.0]}
+    # Largest k first: its searches are cached and serve the smaller k (Datastore.search).
+    grid = {"k": [1024, 256, 64], "temperature": [1.0, 3.0, 10.0, 30.0]}
 
     def __init__(self, params=None):
         super().__init__(params)
