@@ -141,19 +141,22 @@ def _method_settings(args, config: dict) -> tuple[str, dict, dict]:
             lambdas[key.split("__")[1]] = value
     if getattr(args, "datastore", None):
         params.setdefault("knn", {})["datastore"] = args.datastore
+        params.setdefault("mbpa", {})["datastore"] = args.datastore
     return method, params, lambdas
 
 
 def _check_datastore(run_dir, names: list[str], params: dict, model, corpus, split: str) -> None:
     """Before the long pass: kNN needs a datastore of this model, built from another split."""
-    if "knn" not in names:
-        return
-    path = params.get("knn", {}).get("datastore")
-    if not path:
-        raise LmadaptError("--method knn needs --datastore DIR (build one with `lmadapt datastore build`)")
     from lmadapt.datastore import open_datastore
 
-    open_datastore(path).check_for_eval(run_dir, corpus.split(split), split, model)
+    if "knn" in names:
+        path = params.get("knn", {}).get("datastore")
+        if not path:
+            raise LmadaptError("--method knn needs --datastore DIR (build one with `lmadapt datastore build`)")
+        open_datastore(path).check_for_eval(run_dir, corpus.split(split), split, model)
+    mbpa = params.get("mbpa", {})
+    if "mbpa" in names and mbpa.get("source", "stream") != "stream" and mbpa.get("datastore"):
+        open_datastore(mbpa["datastore"]).check_for_eval(run_dir, corpus.split(split), split, model)
 
 
 def cmd_eval(args) -> int:

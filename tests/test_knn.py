@@ -326,3 +326,67 @@ def test_cached_searches_equal_fresh_ones(setup):
     assert cached._cache_bytes > 0
     other = cached.search(q, 12, nprobe=8)   # another nprobe is another search
     assert torch.equal(other[1], Datastore(setup["pq"]).search(q, 12, nprobe=8)[1])
+
+
+# --------------------------------------------------------------------------- MbPA over the datastore
+
+def _naive_mbpa_rows(model, hidden, nb_keys, nb_values, sq, alpha, eps=1e-3):
+    from lmadapt.adapt import kernel_weights, naive_mbpa
+
+    layer = torch.nn.Linear(hidden.size(1), model.decoder.out_features).double()
+    with torch.no_grad():
+        layer.weight.copy_(model.decoder.weight.double())
+        layer.bias.copy_(model.decoder.bias.double())
+    w = kernel_weights(sq.double(), torch.ones_like(sq, dtype=torch.bool), eps, True)
+    return naive_mbpa(layer, hidden.double(), nb_keys.double(), nb_values, w, steps=1, lr=alpha)
+
+
+def test_mbpa_over_the_datastore_equals_a_per_query_reference(setup):
+    model, valid = setup["model"], setup["corpus"].valid[:81]
+    K, alpha = 6, 0.5
+    mb = MbPA(MbPAParams(k=K, alpha=alpha, memory=5000, source="datastore", datastore=str(setup["flat"])))
+    r = stream_eval(model, valid, [mb], {"mbpa": 0.5}, segment_len=40)
+    store = Datastore(setup["flat"])
+    keys = torch.from_numpy(store.keys[:].astype(np.float64))
+    hidden = _hidden(model, valid).double()
+    d = torch.cdist(hidden, keys) ** 2
+    sq, nn = d.topk(K, largest=False)
+    ref = _naive_mbpa_rows(model, hidden, keys[nn], store.values[nn], sq, alpha)
+    ref_target = ref.gather(1, valid[1:].unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(r.components["mbpa"][0].double(), ref_target, atol=2e-4, rtol=0)
+    # and it really adapts: not the base model's prediction
+    assert (r.components["mbpa"][0] - r.base).abs().max() > 1e-2
+
+
+def test_mbpa_over_both_takes_the_nearest_of_the_union(setup, tmp_path):
+    model, valid = setup["model"], setup["corpus"].valid[:121]
+    # A datastore of the small test split, so that recent stream entries win some of the K places.
+    small = tmp_path / "ds-test"
+    datastore.build(setup["run"], small, model=model, corpus=setup["corpus"], split="test", layout=LAYOUT,
+                    log=lambda m: None)
+    K, alpha, N = 24, 0.5, 100
+    mb = MbPA(MbPAParams(k=K, alpha=alpha, memory=N, source="both", datastore=str(small)))
+    r = stream_eval(model, valid, [mb], {"mbpa": 0.5}, segment_len=40)
+    store = Datastore(small)
+    hidden = _hidden(model, valid).double()
+    ds_keys = torch.from_numpy(store.keys[:].astype(np.float64))
+    targets = valid[1:]
+    got = r.components["mbpa"][0]
+    from_stream = 0
+    for t in range(0, 120, 7):
+        lo = max(0, t - N)
+        keys = torch.cat([ds_keys, hidden[lo:t]])            # the stream: strictly earlier, last N
+        vals = torch.cat([store.values, targets[lo:t]])
+        d = ((keys - hidden[t]) ** 2).sum(1)
+        sq, nn = d.topk(K, largest=False)
+        from_stream += int((nn >= len(store)).sum())
+        ref = _naive_mbpa_rows(model, hidden[t:t + 1], keys[nn].unsqueeze(0), vals[nn].unsqueeze(0),
+                               sq.unsqueeze(0), alpha)
+        assert got[t].item() == pytest.approx(ref[0, targets[t]].item(), abs=2e-4)
+    assert from_stream > 0   # the union mattered
+
+
+def test_mbpa_source_needs_a_datastore(setup, capsys):
+    assert _cli("eval", setup["run"], "--method", "mbpa", "--mbpa-source", "datastore") == 2
+    assert "--datastore" in capsys.readouterr().err
+    assert _cli("eval", setup["run"], "--method", "mbpa", "--mbpa-source", "train") == 2
