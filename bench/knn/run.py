@@ -159,6 +159,35 @@ def stage_tune(args, out: Path) -> dict:
             "lambda_grid": best["lambda_grid"], "grid": best["grid"], "table": table}
 
 
+def stage_mbpa(args, out: Path) -> dict:
+    """MbPA over the stream vs over the datastore vs both, same K and alpha, on a test prefix."""
+    import torch
+
+    from lmadapt.evaluate import load_for_eval
+    from lmadapt.methods.mbpa import MbPA, MbPAParams
+    from lmadapt.mix import perplexity
+    from lmadapt.stream import stream_eval
+
+    torch.set_num_threads(args.threads)
+    model, corpus, _ = load_for_eval(args.run, device="cpu")
+    stream = corpus.split("test")[:args.mbpa_tokens + 1]
+    ds = str(Path(args.datastores) / f"{args.tag}-ivfpq")
+    plain = stream_eval(model, stream, [], {})
+    rows = [{"label": "lstm", "ppl": perplexity(plain.base), "tokens_per_second": plain.tokens / plain.seconds}]
+    for source in ("stream", "datastore", "both"):
+        for alpha in args.mbpa_alpha:
+            p = MbPAParams(memory=5000, k=args.mbpa_k, alpha=alpha, source=source, datastore=ds)
+            for lam in args.mbpa_lambda:
+                r = stream_eval(model, stream, [MbPA(p)], {"mbpa": lam})
+                row = {"label": f"mbpa source={source}", "source": source, "k": args.mbpa_k, "alpha": alpha,
+                       "lambda": lam, "ppl": perplexity(r.mixed), "tokens_per_second": r.tokens / r.seconds,
+                       "ratio_to_plain": (r.tokens / r.seconds) / rows[0]["tokens_per_second"]}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return {"tokens": args.mbpa_tokens, "note": "chosen on this same test prefix: a comparison of sources, "
+            "not a tuned result", "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
@@ -176,13 +205,17 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=0.25)
     ap.add_argument("--tune-nprobe", type=int, default=8)
     ap.add_argument("--grid", action="append", default=[], help="passed to lmadapt tune")
+    ap.add_argument("--mbpa-tokens", type=int, default=3000)
+    ap.add_argument("--mbpa-k", type=int, default=32)
+    ap.add_argument("--mbpa-alpha", type=float, nargs="+", default=[0.1, 0.5])
+    ap.add_argument("--mbpa-lambda", type=float, nargs="+", default=[0.1])
     args = ap.parse_args()
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     from lmadapt import runs
 
     for stage in args.stages.split(","):
-        fn = {"build": stage_build, "speed": stage_speed, "tune": stage_tune}[stage]
+        fn = {"build": stage_build, "speed": stage_speed, "tune": stage_tune, "mbpa": stage_mbpa}[stage]
         t = time.perf_counter()
         result = fn(args, out)
         result = {"stage": stage, "run": args.run, "argv": sys.argv, "seconds": time.perf_counter() - t,
