@@ -442,6 +442,9 @@ def _finish(out: Path, settings: dict, spec: IndexSpec, n: int, d: int, total: i
     """Rank 0: concatenate the parts into keys.npy/values.npy, train and fill the index."""
     import faiss
 
+    # faiss would otherwise use every core's OpenMP thread whatever --threads says; on shared
+    # cores spinning threads slow it down rather than up.
+    faiss.omp_set_num_threads(torch.get_num_threads())
     t0 = time.perf_counter()
 
     def write_keys(tmp):
@@ -611,6 +614,10 @@ def open_datastore(path, threads: int | None = None) -> Datastore:
     if key not in _OPEN:
         _OPEN.clear()
         _OPEN[key] = Datastore(path, threads=threads)
+    elif threads:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)   # a process-wide setting: apply it on every open
     return _OPEN[key]
 
 
