@@ -521,6 +521,7 @@ class Datastore:
         if threads:
             faiss.omp_set_num_threads(threads)
         self._index = None
+        self._keys_t = None
         # Search results by query bytes: `lmadapt tune` streams the same split once per setting,
         # and every pass asks the same queries (only k and T change), so one search serves all.
         # A smaller k is served from a larger one (faiss returns neighbours sorted by its own
@@ -582,12 +583,17 @@ class Datastore:
 
     def exact_distances(self, q: torch.Tensor, ids: torch.Tensor, rows: int = 16) -> torch.Tensor:
         """sum((q - key)^2) from the stored keys for each returned id (inf for id -1)."""
+        if self._keys_t is None:
+            # Copy-on-write mapping: a writable array for torch (never written), pages shared.
+            # torch's index_select gathers the rows ~3x faster than numpy fancy indexing of the
+            # memmap (0.58 vs 1.9 ms per query of k=1024, d=300, measured on the PTB datastore).
+            self._keys_t = torch.from_numpy(np.load(self.path / KEYS, mmap_mode="c"))
         out = torch.empty(ids.shape, dtype=torch.float32)
         for s in range(0, ids.size(0), rows):
             idx = ids[s:s + rows]
-            keys = torch.from_numpy(self.keys[idx.clamp(min=0).reshape(-1).numpy()].astype(np.float32))
-            keys = keys.view(*idx.shape, -1)
-            out[s:s + rows] = ((keys - q[s:s + rows].unsqueeze(1)) ** 2).sum(-1).masked_fill(idx < 0, float("inf"))
+            keys = self._keys_t.index_select(0, idx.clamp(min=0).reshape(-1)).view(*idx.shape, -1).float()
+            keys.sub_(q[s:s + rows].unsqueeze(1))   # in place: one (rows x k x d) temporary
+            out[s:s + rows] = keys.square_().sum(-1).masked_fill(idx < 0, float("inf"))
         return out
 
     def check_for_eval(self, run_dir, stream: torch.Tensor, split: str, model=None) -> None:
