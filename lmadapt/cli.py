@@ -227,8 +227,10 @@ def _method_flags(parser) -> None:
         group = parser.add_argument_group(f"{name} settings")
         for f in dataclasses.fields(cls.Params):
             default = f.default
+            # A bare boolean flag (--knn-recompute) means true; it still takes an explicit value.
+            switch = {"nargs": "?", "const": "true"} if isinstance(default, bool) else {}
             group.add_argument(f"--{name}-{f.name.replace('_', '-')}", dest=f"m__{name}__{f.name}", default=None,
-                               metavar=type(default).__name__.upper(), help=f"default {default}")
+                               metavar=type(default).__name__.upper(), help=f"default {default}", **switch)
         if not cls.adapts_model:
             group.add_argument(f"--lambda-{name}", dest=f"lambda__{name}", type=arg(float, PROBABILITY),
                                default=None, help="mixture weight in [0, 1]")
@@ -280,6 +282,9 @@ def _method_settings(args, config: dict) -> tuple[str, dict, dict]:
         if method.strip() and name not in [n.strip() for n in method.split("+")]:
             flag = "--" + key.replace("m__", "", 1).replace("__", "-").replace("_", "-")
             raise LmadaptError(f"{flag} is set but {name} is not part of --method {method}")
+    if getattr(args, "datastore", None):
+        params.setdefault("knn", {})["datastore"] = args.datastore
+        params.setdefault("mbpa", {})["datastore"] = args.datastore
     return method, params, lambdas
 
 
@@ -290,6 +295,20 @@ def _outputs_lock(paths: list[Path | None]):
     for folder in sorted(folders):
         stack.enter_context(runs.locked(folder))
     return stack
+
+
+def _check_datastore(run_dir, names: list[str], params: dict, model, corpus, split: str) -> None:
+    """Before the long pass: kNN needs a datastore of this model, built from another split."""
+    from lmadapt.datastore import open_datastore
+
+    if "knn" in names:
+        path = params.get("knn", {}).get("datastore")
+        if not path:
+            raise LmadaptError("--method knn needs --datastore DIR (build one with `lmadapt datastore build`)")
+        open_datastore(path).check_for_eval(run_dir, corpus.split(split), split, model)
+    mbpa = params.get("mbpa", {})
+    if "mbpa" in names and mbpa.get("source", "stream") != "stream" and mbpa.get("datastore"):
+        open_datastore(mbpa["datastore"]).check_for_eval(run_dir, corpus.split(split), split, model)
 
 
 
@@ -323,6 +342,7 @@ def cmd_eval(args) -> int:
         model, corpus, split = load_eval_inputs(args.run_dir, hf_model=args.hf_model, text=args.text,
                                                 data=args.data, data_dir=args.data_dir, split=args.split,
                                                 context=args.context, keep=args.context_keep, device=device)
+        _check_datastore(args.run_dir, names, params, model, corpus, split)
         settings = _settings_record(args, names)
         if args.tune:
             params, lambdas = _tune_for_eval(args, model, corpus, method, params, device, settings)
@@ -392,6 +412,7 @@ def cmd_tune(args) -> int:
         model, corpus, split = load_eval_inputs(args.run_dir, hf_model=args.hf_model, text=args.text,
                                                 data=args.data, data_dir=args.data_dir, split=args.split,
                                                 context=args.context, keep=args.context_keep, device=device)
+        _check_datastore(args.run_dir, names, params, model, corpus, split)
         best = tune(model, corpus, method, split=split, params=params, grid_overrides=grids,
                     lambda_grid=lambda_grid, device=device, segment_len=args.segment, max_passes=args.max_passes)
         best["run_dir"] = str(args.run_dir or args.hf_model)
@@ -431,6 +452,31 @@ def cmd_report(args) -> int:
             runs.save_output(js, lambda p: runs.write_json(p, rep), rescue_dir=rescue)
             runs.save_output(png, lambda p: plot_png(rep, p), rescue_dir=rescue)
         print(f"wrote {md}, {js}, {png}")
+    return 0
+
+
+def cmd_datastore_build(args) -> int:
+    from lmadapt import datastore
+    from lmadapt.evaluate import load_for_eval
+
+    _threads(args.threads)
+    device = _device(args.device)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise LmadaptError(f"--out {args.out} exists and is not a directory")
+    runs.check_writable_dir(Path(args.out), "--out")
+    model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
+    # One writer per datastore directory (rank 0 under torchrun writes it).
+    lock = runs.locked(args.out, "datastore") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    with lock:
+        manifest = datastore.build(args.run_dir, args.out, model=model, corpus=corpus, split=args.split,
+                                   index=args.index, device=device, force=args.force, log=datastore.log_stderr,
+                                   layout=datastore.Layout(args.row, args.warmup, args.rows_per_part))
+    if manifest is not None:
+        sec = manifest["seconds"]
+        total = sum(manifest["bytes"].values())
+        print(f"datastore {args.out}: {manifest['keys']:,} keys, index {manifest['index']['type']}, "
+              f"{total / 1e6:.1f} MB; embed {sec.get('embed', 0):.1f} s, train {sec['train']:.1f} s, "
+              f"add {sec['add']:.1f} s")
     return 0
 
 
@@ -483,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-minutes", type=arg(float, POSITIVE), default=3.0, help="tuning budget (default 3)")
     p.add_argument("--device", default="auto", help=DEVICES)
     p.add_argument("--threads", type=THREADS, default=0)
+    p.add_argument("--datastore", help="kNN-LM datastore directory (`lmadapt datastore build`)")
     _method_flags(p)
     p.set_defaults(func=cmd_eval)
 
@@ -500,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segment", type=arg(int, at_least(1)), default=None)
     p.add_argument("--device", default="auto", help=DEVICES)
     p.add_argument("--threads", type=THREADS, default=0)
+    p.add_argument("--datastore", help="kNN-LM datastore directory (`lmadapt datastore build`)")
     _method_flags(p)
     p.set_defaults(func=cmd_tune)
 
@@ -512,6 +560,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="Markdown file; .json and .png are written beside it")
     p.add_argument("--overwrite", action="store_true", help="replace existing --out files")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("datastore", help="kNN-LM datastores of a run's hidden states")
+    dsub = p.add_subparsers(dest="datastore_command", required=True, parser_class=_Parser)
+    p = dsub.add_parser("build", help="embed a split into a datastore (keys, values, faiss index); "
+                                      "runs sharded under torchrun")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="datastore directory")
+    p.add_argument("--split", default="train", choices=["train", "valid", "test"])
+    p.add_argument("--index", default="auto", help="auto (default), flat or ivfpq:NLIST,M")
+    p.add_argument("--data", help="corpus (default: the one the run was trained on)")
+    p.add_argument("--data-dir", help="directory holding named corpora")
+    p.add_argument("--force", action="store_true", help="rebuild from scratch, replacing what is in --out")
+    p.add_argument("--row", type=int, default=2048, help="positions per independently embedded row")
+    p.add_argument("--warmup", type=int, default=256, help="burn-in positions before each row")
+    p.add_argument("--rows-per-part", type=int, default=32,
+                   help="rows batched into one part (the unit of resumption and sharding)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_datastore_build)
 
     from lmadapt.classify.cli import add_parser as add_classify
 

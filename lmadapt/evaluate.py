@@ -16,7 +16,8 @@ from lmadapt.mix import check_lambdas, mix_log_probs, perplexity
 from lmadapt.params import check_number, to_float, to_int
 from lmadapt.stream import StreamResult, stream_eval
 
-DEFAULT_LAMBDAS = {"cache": 0.15, "mbpa": 0.1}  # the MbPA paper's best PTB setting (App. B)
+DEFAULT_LAMBDAS = {"cache": 0.15, "mbpa": 0.1,  # the MbPA paper's best PTB setting (App. B)
+                   "knn": 0.25}  # kNN-LM's WikiText-103 setting
 TOKENS_FORMAT = "lmadapt-tokens"
 
 
@@ -66,7 +67,7 @@ def load_for_eval(run_dir, data: str | None = None, data_dir: str | None = None,
 
     run_dir = runs.require_run_dir(run_dir)
     model, cfg, meta = load_model(run_dir, device)
-    if not (run_dir / runs.RESULTS).is_file():
+    if (run_dir / runs.LAST).is_file() and not (run_dir / runs.RESULTS).is_file():  # training stopped or running
         runs.warn(f"{run_dir} is unfinished (no {runs.RESULTS}): evaluating its best weights so far")
     vocab = Vocab.from_dict(runs.read_json(run_dir / runs.VOCAB))
     spm = (run_dir / runs.SPM).read_bytes() if (run_dir / runs.SPM).is_file() else None

@@ -116,7 +116,7 @@ def test_frequency_buckets_are_balanced_and_ordered():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "mbpa+cahce"], "valid methods: lstm, dyneval, mbpa, cache"),
+    (["--method", "mbpa+cahce"], "valid methods: lstm, dyneval, knn, mbpa, cache"),
     (["--method", "cache", "--lambda-cache", "1.5"], "must be in [0, 1]"),
     (["--method", "mbpa+cache", "--lambda-cache", "0.6", "--lambda-mbpa", "0.6"], "sum to 1.2"),
     (["--method", "mbpa", "--mbpa-k", "600", "--mbpa-memory", "500"], "larger than its memory"),

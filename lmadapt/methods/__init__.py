@@ -6,11 +6,13 @@ from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import EvalContext, Method, Segment
 from lmadapt.methods.cache import NeuralCache
 from lmadapt.methods.dyneval import DynamicEvaluation
+from lmadapt.methods.knn import KnnLM
 from lmadapt.methods.mbpa import MbPA
 
 # Order is the canonical order of names in combinations ("dyneval+mbpa+cache").
 REGISTRY: dict[str, type[Method]] = {
     DynamicEvaluation.name: DynamicEvaluation,
+    KnnLM.name: KnnLM,
     MbPA.name: MbPA,
     NeuralCache.name: NeuralCache,
 }

@@ -36,6 +36,7 @@ import torch
 from lmadapt.adapt import KERNELS, LinearMbPA, functional_mbpa, kernel_weights
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import Method, Segment
+from lmadapt.methods.mbpa_source import SOURCES, mbpa_log_probs
 from lmadapt.params import NON_NEGATIVE, POSITIVE, at_least
 
 
@@ -51,6 +52,8 @@ class MbPAParams:
     optimizer: str = "sgd"  # sgd (exact rank-K path) | rmsprop | adam (torch.func path)
     store: str = "float32"  # dtype of the stored neighbour probabilities (T=1): float32 | float16 | bfloat16
     adapt: str = "all"      # what the local steps move: all (W and b, the paper) | weight | bias
+    source: str = "stream"  # neighbours from: stream (the paper) | datastore (training set) | both
+    datastore: str = ""     # kNN-LM datastore for source datastore|both (--datastore)
 
     RANGES: ClassVar[dict] = {"memory": at_least(1), "k": at_least(1), "alpha": NON_NEGATIVE, "steps": at_least(1),
                               "beta": NON_NEGATIVE, "eps": POSITIVE}
@@ -85,25 +88,35 @@ class MbPA(Method):
             raise LmadaptError(f"mbpa adapt must be one of {', '.join(KERNELS)}, got {p.adapt!r}")
         if p.store not in _STORE:
             raise LmadaptError(f"mbpa store must be one of {', '.join(_STORE)}, got {p.store!r}")
+        if p.source not in SOURCES:
+            raise LmadaptError(f"mbpa source must be one of {', '.join(SOURCES)}, got {p.source!r}")
+        if p.source != "stream" and not p.datastore:
+            raise LmadaptError(f"mbpa source {p.source} needs --datastore DIR")
+        if p.source != "stream" and p.optimizer != "sgd":
+            raise LmadaptError("mbpa source datastore|both supports optimizer sgd only")
 
     def _one_step(self) -> bool:
         return self.params.optimizer == "sgd" and self.params.steps == 1
 
     def memory_window(self) -> int:
-        return self.params.memory
+        return self.params.memory if self.params.source != "datastore" else 0
 
     def memory_extras(self) -> dict[str, torch.dtype]:
-        if self.params.optimizer != "sgd":
+        if self.params.optimizer != "sgd" or self.params.source != "stream":
             return {}  # the torch.func path recomputes everything from the neighbours' inputs
         if self._one_step():
             return {"probs": _STORE[self.params.store]}
         return {"log_probs": torch.float32}
 
     def preferred_segment_len(self) -> int | None:
-        return _SEGMENT if self._one_step() else None
+        return _SEGMENT if self._one_step() and self.params.source == "stream" else None
 
     def start(self, ctx) -> None:
         self.memory = ctx.memory
+        if self.params.source != "stream":
+            from lmadapt.datastore import open_datastore
+
+            self.store = open_datastore(self.params.datastore, threads=torch.get_num_threads())
         self.decoder = ctx.model.output_layer()  # shares the weight: sees dyneval's updates
         p = self.params
         self.local = LinearMbPA(self.decoder.weight.detach(), self.decoder.bias.detach(), k=p.k, alpha=p.alpha,
@@ -114,7 +127,12 @@ class MbPA(Method):
         t = seg.positions
         window = (t - self.params.memory, t)
         p = self.params
-        if p.optimizer == "sgd":
+        if p.source != "stream":
+            log_probs = mbpa_log_probs(p.source, self.store, self.memory, seg.hidden, seg.logits, window, k=p.k,
+                                       nprobe=32, weight=self.decoder.weight, bias=self.decoder.bias,
+                                       alpha=p.alpha, steps=p.steps, beta=p.beta, eps=p.eps,
+                                       normalise=p.normalise, adapt=p.adapt)
+        elif p.optimizer == "sgd":
             # Dynamic evaluation may have moved the weights: always adapt from the current ones.
             self.local.weight, self.local.bias = self.decoder.weight.detach(), self.decoder.bias.detach()
             log_probs = self.local.log_probs(seg.hidden, self.memory, window=window, query_logits=seg.logits)

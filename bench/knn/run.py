@@ -1,0 +1,237 @@
+"""kNN-LM benchmarks: datastore builds, speed ratios to plain evaluation, tuned test perplexities.
+
+Every figure is measured here and written as JSON under bench/knn/results/ (or --results):
+
+  build   `lmadapt datastore build` for a flat and an IVF-PQ index, each as its own process:
+          wall time, the manifest's stage times, bytes on disk, peak RSS (os.wait4).
+  speed   plain evaluation vs knn in one process on a prefix of the test split: tokens/s and
+          their ratio, for IVF-PQ at several nprobe (faiss distances and --knn-recompute) and
+          for the flat index on a shorter prefix, plus the flat-vs-IVF-PQ neighbour overlap
+          and perplexity.
+  tune    `lmadapt tune --method knn+mbpa+cache` on valid (every smaller mixture comes from the
+          same stored columns), then `lmadapt eval --config` on test for each mixture with its
+          own tuned settings.
+
+  python bench/knn/run.py RUN --stages build,speed,tune --tag ptb [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+MIXTURES = ["knn", "cache", "knn+cache", "mbpa+cache", "knn+mbpa+cache"]
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+def _run_measured(cmd: list[str], log: Path) -> dict:
+    """Run a child process; wall time and its own peak RSS (wait4 gives one child's rusage)."""
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({code}); see {log}")
+    return {"wall_seconds": time.perf_counter() - t, "peak_rss_mb": usage.ru_maxrss / 1024, "cpu_seconds":
+            usage.ru_utime + usage.ru_stime}
+
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def stage_build(args, out: Path) -> dict:
+    rows = {}
+    for label, index in (("flat", "flat"), ("ivfpq", args.ivfpq)):
+        ds = Path(args.datastores) / f"{args.tag}-{label}"
+        cmd = [sys.executable, "-m", "lmadapt", "datastore", "build", args.run, "--out", str(ds), "--index", index,
+               "--threads", str(args.threads), "--force"]
+        m = _run_measured(cmd, out / f"build-{label}.log")
+        manifest = json.loads((ds / "manifest.json").read_text())
+        rows[label] = {"command": " ".join(["lmadapt", *cmd[3:]]), **m, "disk_bytes": _du(ds),
+                       "keys": manifest["keys"], "dim": manifest["dim"], "index": manifest["index"],
+                       "stage_seconds": manifest["seconds"],
+                       "bytes_per_key": _du(ds) / manifest["keys"]}
+        print(label, json.dumps(rows[label]), flush=True)
+    return rows
+
+
+def stage_speed(args, out: Path) -> dict:
+    import numpy as np
+    import torch
+
+    from lmadapt.datastore import open_datastore, Datastore
+    from lmadapt.evaluate import load_for_eval
+    from lmadapt.methods.knn import KnnLM, KnnParams
+    from lmadapt.mix import perplexity
+    from lmadapt.stream import stream_eval
+
+    torch.set_num_threads(args.threads)
+    model, corpus, _ = load_for_eval(args.run, device="cpu")
+    test = corpus.split("test")
+    pq_dir, flat_dir = Path(args.datastores) / f"{args.tag}-ivfpq", Path(args.datastores) / f"{args.tag}-flat"
+    rows = []
+
+    def measure(stream, label, methods, lam):
+        r = stream_eval(model, stream, methods, lam)
+        row = {"label": label, "tokens": r.tokens, "seconds": r.seconds, "tokens_per_second": r.tokens / r.seconds,
+               "ppl": perplexity(r.mixed)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        return r, row
+
+    for n_tok in (args.speed_tokens, args.flat_tokens):
+        if n_tok <= 0:
+            continue
+        stream = test[:n_tok + 1]
+        configs = [("ivfpq", pq_dir, nprobe, rec) for nprobe in args.nprobe for rec in (False, True)]
+        if n_tok == args.flat_tokens:
+            configs.append(("flat", flat_dir, 0, False))
+        for kind, ds, nprobe, rec in configs:
+            # Plain evaluation right before each knn pass: the cores are shared, so a ratio is
+            # only fair between passes run close together.
+            _, plain = measure(stream, f"lstm ({n_tok} tokens)", [], {})
+            open_datastore(ds, threads=args.threads).cache_budget = 0   # every pass must search
+            p = KnnParams(k=args.k, temperature=args.temperature, nprobe=max(nprobe, 1), recompute=rec,
+                          datastore=str(ds))
+            _, row = measure(stream, f"knn {kind} nprobe={nprobe} recompute={rec} ({n_tok} tokens)",
+                             [KnnLM(p)], {"knn": args.lam})
+            row.update(kind=kind, nprobe=nprobe, recompute=rec, k=args.k, ratio_to_plain=
+                       row["tokens_per_second"] / plain["tokens_per_second"])
+
+    # Neighbour overlap of IVF-PQ with the exact search, on the flat prefix.
+    with torch.no_grad():
+        hidden, _, _ = model(test[:max(args.flat_tokens, 1)].unsqueeze(0))
+    q = hidden[0]
+    flat, pq = Datastore(flat_dir), Datastore(pq_dir)
+    if args.flat_tokens <= 0:
+        return {"k": args.k, "temperature": args.temperature, "lambda": args.lam, "threads": args.threads,
+                "rows": rows}
+    _, exact_ids = flat.search(q, args.k)
+    overlap = {}
+    for nprobe in args.nprobe:
+        _, ids = pq.search(q, args.k, nprobe=nprobe)
+        inter = [len(np.intersect1d(a, b)) / args.k for a, b in zip(exact_ids.numpy(), ids.numpy())]
+        overlap[str(nprobe)] = float(np.mean(inter))
+    return {"k": args.k, "temperature": args.temperature, "lambda": args.lam, "threads": args.threads,
+            "rows": rows, "topk_overlap_with_flat": overlap}
+
+
+def stage_tune(args, out: Path) -> dict:
+    ds = Path(args.datastores) / f"{args.tag}-ivfpq"
+    best_path = out / f"tune-{args.tag}-knn+mbpa+cache.json"
+    cmd = [sys.executable, "-m", "lmadapt", "tune", args.run, "--method", "knn+mbpa+cache", "--split", "valid",
+           "--datastore", str(ds), "--out", str(best_path), "--threads", str(args.threads),
+           "--knn-nprobe", str(args.tune_nprobe), *sum((["--grid", g] for g in args.grid), [])]
+    tune_m = _run_measured(cmd, out / f"tune-{args.tag}.log")
+    best = json.loads(best_path.read_text())
+    table = {}
+    for name in MIXTURES:
+        sub = best["subsets"].get(name)
+        if sub is None:
+            table[name] = {"note": "no setting of the grid used this mixture (lambda 0 chosen)"}
+            continue
+        cfg = out / f"config-{args.tag}-{name}.json"
+        cfg.write_text(json.dumps({"method": name, "params": sub["params"], "lambdas": sub["lambdas"]}))
+        rep_path = out / f"test-{args.tag}-{name}.json"
+        ecmd = [sys.executable, "-m", "lmadapt", "eval", args.run, "--split", "test", "--config", str(cfg),
+                "--json", str(rep_path), "--threads", str(args.threads)]
+        if "knn" in name:
+            ecmd += ["--datastore", str(ds)]
+        m = _run_measured(ecmd, out / f"test-{args.tag}-{name}.log")
+        rep = json.loads(rep_path.read_text())
+        entry = rep["methods"][name]
+        table[name] = {"valid_ppl": sub["ppl"], "test_ppl": entry["ppl"],
+                       "test_lstm_ppl": rep["methods"]["lstm"]["ppl"],
+                       "delta_vs_lstm_percent": entry["delta_vs_lstm_percent"],
+                       "tokens_per_second": entry["tokens_per_second"],
+                       "lstm_tokens_per_second": rep["methods"]["lstm"]["tokens_per_second"],
+                       "params": sub["params"], "lambdas": sub["lambdas"], "peak_rss_mb": m["peak_rss_mb"],
+                       "command": " ".join(["lmadapt", *ecmd[3:]])}
+        print(name, json.dumps(table[name]), flush=True)
+    return {"tune_command": " ".join(["lmadapt", *cmd[3:]]), "tune": tune_m, "valid_lstm_ppl": best["lstm_ppl"],
+            "lambda_grid": best["lambda_grid"], "grid": best["grid"], "table": table}
+
+
+def stage_mbpa(args, out: Path) -> dict:
+    """MbPA over the stream vs over the datastore vs both, same K and alpha, on a test prefix."""
+    import torch
+
+    from lmadapt.evaluate import load_for_eval
+    from lmadapt.methods.mbpa import MbPA, MbPAParams
+    from lmadapt.mix import perplexity
+    from lmadapt.stream import stream_eval
+
+    torch.set_num_threads(args.threads)
+    model, corpus, _ = load_for_eval(args.run, device="cpu")
+    stream = corpus.split("test")[:args.mbpa_tokens + 1]
+    ds = str(Path(args.datastores) / f"{args.tag}-ivfpq")
+    plain = stream_eval(model, stream, [], {})
+    rows = [{"label": "lstm", "ppl": perplexity(plain.base), "tokens_per_second": plain.tokens / plain.seconds}]
+    for source in ("stream", "datastore", "both"):
+        for alpha in args.mbpa_alpha:
+            p = MbPAParams(memory=5000, k=args.mbpa_k, alpha=alpha, source=source, datastore=ds)
+            for lam in args.mbpa_lambda:
+                r = stream_eval(model, stream, [MbPA(p)], {"mbpa": lam})
+                row = {"label": f"mbpa source={source}", "source": source, "k": args.mbpa_k, "alpha": alpha,
+                       "lambda": lam, "ppl": perplexity(r.mixed), "tokens_per_second": r.tokens / r.seconds,
+                       "ratio_to_plain": (r.tokens / r.seconds) / rows[0]["tokens_per_second"]}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return {"tokens": args.mbpa_tokens, "note": "chosen on this same test prefix: a comparison of sources, "
+            "not a tuned result", "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run")
+    ap.add_argument("--tag", required=True, help="names the datastores and result files, e.g. ptb")
+    ap.add_argument("--stages", default="build,speed,tune")
+    ap.add_argument("--datastores", default="/work/runs/datastores")
+    ap.add_argument("--results", default=str(ROOT / "bench" / "knn" / "results"))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ivfpq", default="auto", help="--index of the IVF-PQ build (auto picks IVF-PQ when large)")
+    ap.add_argument("--speed-tokens", type=int, default=20000)
+    ap.add_argument("--flat-tokens", type=int, default=2000)
+    ap.add_argument("--nprobe", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--lam", type=float, default=0.25)
+    ap.add_argument("--tune-nprobe", type=int, default=8)
+    ap.add_argument("--grid", action="append", default=[], help="passed to lmadapt tune")
+    ap.add_argument("--mbpa-tokens", type=int, default=3000)
+    ap.add_argument("--mbpa-k", type=int, default=32)
+    ap.add_argument("--mbpa-alpha", type=float, nargs="+", default=[0.1, 0.5])
+    ap.add_argument("--mbpa-lambda", type=float, nargs="+", default=[0.1])
+    args = ap.parse_args()
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    from lmadapt import runs
+
+    for stage in args.stages.split(","):
+        fn = {"build": stage_build, "speed": stage_speed, "tune": stage_tune, "mbpa": stage_mbpa}[stage]
+        t = time.perf_counter()
+        result = fn(args, out)
+        result = {"stage": stage, "run": args.run, "argv": sys.argv, "seconds": time.perf_counter() - t,
+                  "peak_rss_mb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **(
+                      result if isinstance(result, dict) and "rows" in result or stage != "build" else
+                      {"builds": result})}
+        runs.write_json(out / f"{stage}-{args.tag}.json", result)
+        print(f"wrote {out / f'{stage}-{args.tag}.json'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
