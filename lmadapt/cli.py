@@ -161,7 +161,7 @@ def cmd_eval(args) -> int:
     build_methods(parse_combination(method), params)
     mixture_lambdas(parse_combination(method), lambdas)
     report, tokens = evaluate_run(model, corpus, args.split, method, params, lambdas, device=device,
-                                  segment_len=args.segment)
+                                  segment_len=args.segment, cache_dir=args.run_dir)
     report["run_dir"] = str(args.run_dir)
     print(format_table(report))
     if args.json:
@@ -188,7 +188,8 @@ def cmd_tune(args) -> int:
     device = _device(args.device)
     model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
     best = tune(model, corpus, method, split=args.split, params=params, grid_overrides=grids,
-                lambda_grid=lambda_grid, device=device, segment_len=args.segment, max_passes=args.max_passes)
+                lambda_grid=lambda_grid, device=device, segment_len=args.segment, max_passes=args.max_passes,
+                cache_dir=args.run_dir)
     best["run_dir"] = str(args.run_dir)
     runs.write_json(Path(args.out), best)
     print(f"{best['method']} on {best['split']}: ppl {best['ppl']:.2f} (lstm {best['lstm_ppl']:.2f}, "

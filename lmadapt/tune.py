@@ -56,7 +56,7 @@ def parse_grid(items: list[str], names: list[str]) -> tuple[dict[str, dict[str, 
 def _settings(name: str, fixed: dict, grid_override: dict) -> list[dict]:
     """All settings of one method: its default grid (with overrides), minus invalid ones."""
     cls = REGISTRY[name]
-    grid = {**cls.grid, **grid_override}
+    grid = {**cls.grid_for(fixed), **grid_override}
     grid = {k: v for k, v in grid.items() if k not in fixed or k in grid_override}
     keys = sorted(grid)
     out = []
@@ -74,7 +74,7 @@ def _settings(name: str, fixed: dict, grid_override: dict) -> list[dict]:
 
 def tune(model, corpus, method: str, *, split: str = "valid", params: dict | None = None,
          grid_overrides: dict | None = None, lambda_grid: list[float] | None = None, device="cpu",
-         segment_len: int | None = None, max_passes: int = 200) -> dict:
+         segment_len: int | None = None, max_passes: int = 200, cache_dir=None) -> dict:
     names = parse_combination(method)
     if not names:
         raise LmadaptError("nothing to tune for the plain lstm")
@@ -94,7 +94,7 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
 
     def run(methods):
         result = stream_eval(model, stream, methods, {m.name: 0.0 for m in methods if not m.adapts_model},
-                             corpus=corpus, device=device, segment_len=segment_len)
+                             corpus=corpus, device=device, segment_len=segment_len, cache_dir=cache_dir)
         bar.update(1)
         return result
 
