@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         # cached: write them where the method looks, then time a start that reads them
         with tempfile.TemporaryDirectory() as cache:
             method.model, method.adapted = model, params
-            key = method._cache_key(corpus.train)
+            key = method._cache_key(corpus.train, params)
             dyn._store(Path(cache) / f"dyneval-stats-{key}.pt", rms)
             del rms
             floors, streams, ppl = [], [], None

@@ -190,3 +190,24 @@ def test_in_process_memo_and_unwritable_cache(tmp_path, monkeypatch, capsys):
     assert calls == [5] and m.stats_source == "memory"
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not cached" in err[0]
+
+
+def test_one_statistics_pass_serves_every_adapt_choice(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    model, train, stream = tiny_lm(), motif_stream(300, seed=5), motif_stream(20)
+    by_choice = {}
+    for adapt in ("all", "lstm", "output"):
+        dyneval_module._RECENT.clear()
+        m = DynamicEvaluation(DynEvalParams(stat_batch=4, adapt=adapt))
+        stream_eval(model, stream, [m], {}, corpus=_Corpus(train), cache_dir=tmp_path)
+        by_choice[adapt] = {id_: r for id_, r in zip(_names(m), m.rms)}
+    assert calls == [5]
+    for adapt in ("lstm", "output"):
+        assert by_choice[adapt] and set(by_choice[adapt]) < set(by_choice["all"])
+        for name, r in by_choice[adapt].items():
+            assert torch.equal(r, by_choice["all"][name])
+
+
+def _names(method):
+    names = {id(q): n for n, q in method.model.named_parameters()}
+    return [names[id(q)] for q in method.adapted]

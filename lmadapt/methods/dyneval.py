@@ -128,37 +128,49 @@ class DynamicEvaluation(Method):
 
     # ------------------------------------------------------------------ statistics
     def _statistics(self, corpus, cache_dir) -> list[torch.Tensor]:
+        """MS of the adapted weights.  Computed (and cached) for every weight: the gradient
+        of a weight does not depend on which others adapt, so one pass serves all `adapt`
+        choices."""
         if corpus is None or getattr(corpus, "train", None) is None:
             raise LmadaptError("dyneval's rms rule needs the training split for its gradient statistics")
         p = self.params
-        key = self._cache_key(corpus.train)
-        if key in _RECENT:  # e.g. the passes of `lmadapt tune`, which share one model
-            self.stats_source = "memory"
-            return [r.to(q.device) for r, q in zip(_RECENT[key], self.adapted)]
-        path = Path(cache_dir) / f"dyneval-stats-{key}.pt" if cache_dir is not None else None
-        rms = _load_cached(path, self.adapted) if path is not None else None
+        every = select_parameters(self.model, "all")
+        key = self._cache_key(corpus.train, every)
+        rms = _RECENT.get(key)  # e.g. the passes of `lmadapt tune`, which share one model
         if rms is not None:
-            self.stats_source = "cache"
+            self.stats_source = "memory"
         else:
-            rms = gradient_rms(self.model, self.adapted, corpus.train.to(self.device), p.segment, p.stat_batch,
-                               p.max_batches)
-            self.stats_source = "computed"
-            if path is not None:
-                _store(path, rms)
-        _RECENT.clear()  # keep one entry: statistics are the size of the model
-        _RECENT[key] = rms
-        return rms
+            path = Path(cache_dir) / f"dyneval-stats-{key}.pt" if cache_dir is not None else None
+            rms = _load_cached(path, every) if path is not None else None
+            if rms is not None:
+                self.stats_source = "cache"
+            else:
+                flags = [q.requires_grad for q in every]
+                for q in every:
+                    q.requires_grad_(True)
+                try:
+                    rms = gradient_rms(self.model, every, corpus.train.to(self.device), p.segment, p.stat_batch,
+                                       p.max_batches)
+                finally:
+                    for q, f in zip(every, flags):
+                        q.requires_grad_(f)
+                self.stats_source = "computed"
+                if path is not None:
+                    _store(path, rms)
+            _RECENT.clear()  # keep one entry: statistics are the size of the model
+            _RECENT[key] = rms
+        index = {id(q): i for i, q in enumerate(every)}
+        return [rms[index[id(q)]].to(q.device) for q in self.adapted]
 
-    def _cache_key(self, train: torch.Tensor) -> str:
-        """Hash of everything the statistics depend on: the weights (all of them: the
-        frozen ones shape the gradients too), which ones adapt, the training stream, L and
-        the batch settings."""
+    def _cache_key(self, train: torch.Tensor, params) -> str:
+        """Hash of everything the statistics depend on: the weights, which ones the
+        statistics cover, the training stream, L and the batch settings."""
         h = hashlib.sha256()
         for name, t in sorted(self.model.state_dict().items()):
             h.update(name.encode())
             h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         names = {id(q): n for n, q in self.model.named_parameters()}
-        h.update(",".join(names[id(q)] for q in self.adapted).encode())
+        h.update(",".join(names[id(q)] for q in params).encode())
         h.update(train.to("cpu", torch.int64).contiguous().numpy().tobytes())
         p = self.params
         h.update(f"split=train;L={p.segment};batch={p.stat_batch};max_batches={p.max_batches};v1".encode())
