@@ -43,6 +43,7 @@ def floor_seconds(model, stream, L: int) -> float:
     from lmadapt.model import detach_state
 
     model = copy.deepcopy(model).eval()
+    model.sparse_embedding_grad = True  # the cheapest forward+backward the model offers
     params = select_parameters(model, "all")
     for p in params:
         p.requires_grad_(True)
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batches", type=int, default=0, help="statistics batches (0: the whole training split)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reference", help="a port of the reference dynamiceval.py (outside this repository)")
+    ap.add_argument("--repeats", type=int, default=2, help="floor/method timings, alternated (the fastest counts)")
     ap.add_argument("--no-mixtures", action="store_true")
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
@@ -100,22 +102,22 @@ def main(argv=None) -> int:
         row = {"settings": settings}
         # the statistics, cold (no cache read, nothing stored)
         method = build_methods(["dyneval"], {"dyneval": settings})[0]
-        params = dyn.select_parameters(model, "all")
+        stat_model = copy.deepcopy(model)  # as the method's own copy: sparse embedding gradients
+        stat_model.sparse_embedding_grad = True
+        params = dyn.select_parameters(stat_model, "all")
         for p in params:
             p.requires_grad_(True)
         t0 = time.perf_counter()
-        rms = dyn.gradient_rms(model, params, corpus.train, L, method.params.stat_batch, args.max_batches)
+        rms = dyn.gradient_rms(stat_model, params, corpus.train, L, method.params.stat_batch, args.max_batches)
         row["statistics_seconds"] = time.perf_counter() - t0
-        for p in model.parameters():
-            p.requires_grad_(False)
         # cached: write them where the method looks, then time a start that reads them
         with tempfile.TemporaryDirectory() as cache:
-            method.model, method.adapted = model, params
+            method.model, method.adapted = stat_model, params
             key = method._cache_key(corpus.train, params)
             dyn._store(Path(cache) / f"dyneval-stats-{key}.pt", rms)
             del rms
             floors, streams, ppl = [], [], None
-            for _ in range(2):  # alternate floor and method; keep the faster of each
+            for _ in range(args.repeats):  # alternate floor and method; keep the faster of each
                 floors.append(floor_seconds(model, stream, L))
                 dyn._RECENT.clear()
                 m = build_methods(["dyneval"], {"dyneval": settings})[0]

@@ -106,6 +106,8 @@ class DynamicEvaluation(Method):
         self.model = model
         self.device = ctx.device
         self.adapted = select_parameters(model, self.params.adapt)
+        if hasattr(model, "sparse_embedding_grad"):  # the stream's own copy of the model
+            model.sparse_embedding_grad = True
         chosen = {id(p) for p in self.adapted}
         for p in model.parameters():
             p.requires_grad_(id(p) in chosen)
@@ -181,7 +183,7 @@ class DynamicEvaluation(Method):
         raise NotImplementedError("dynamic evaluation adapts the base model; it is not mixed in")
 
     def observe(self, seg: Segment, loss) -> None:
-        grads = torch.autograd.grad(loss, self.adapted)
+        grads = _dense(torch.autograd.grad(loss, self.adapted))
         with torch.no_grad():
             apply_update(self.adapted, grads, lr=self.params.lr, keep=self.keep, anchor=self.anchor, inv=self.inv)
 
@@ -208,14 +210,20 @@ def gradient_rms(model, params: list[torch.Tensor], train: torch.Tensor, segment
         _, logits, state = model(x, state)
         state = detach_state(state)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-        grads = torch.autograd.grad(loss, params)
-        torch._foreach_addcmul_(sums, list(grads), list(grads))
+        grads = _dense(torch.autograd.grad(loss, params))
+        torch._foreach_addcmul_(sums, grads, grads)
         count += 1
         i += seq
         if max_batches and count >= max_batches:
             break
     model.train(was_training)
     return [(acc / count).sqrt() for acc in sums]
+
+
+def _dense(grads) -> list[torch.Tensor]:
+    # An untied embedding's gradient comes sparse (model.sparse_embedding_grad); a tied
+    # one is already summed into the softmax's dense gradient.
+    return [g.to_dense() if g.is_sparse else g for g in grads]
 
 
 def decay_rates(rms: list[torch.Tensor], decay: float) -> list[torch.Tensor]:
