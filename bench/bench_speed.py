@@ -96,8 +96,8 @@ def load(args):
 
 def method_params(args) -> dict:
     params = {"mbpa": dict(MBPA), "cache": dict(CACHE)}
-    if args.dyneval_stat_tokens is not None:
-        params["dyneval"] = {"stat_tokens": args.dyneval_stat_tokens}
+    if args.dyneval_max_batches is not None:
+        params["dyneval"] = {"max_batches": args.dyneval_max_batches}
     for spec in args.param:
         key, value = spec.split("=", 1)
         method, name = key.split(".", 1)
@@ -283,8 +283,8 @@ def main():
     ap.add_argument("--only", default=",".join(DEFAULT_METHODS), help="comma-separated combinations to time")
     ap.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
                     help="override a method setting, e.g. mbpa.store=bfloat16 (repeatable)")
-    ap.add_argument("--dyneval-stat-tokens", type=int, default=None,
-                    help="training tokens for dyneval's gradient statistics (default: the method's)")
+    ap.add_argument("--dyneval-max-batches", type=int, default=None,
+                    help="training batches for dyneval's gradient statistics (default: the method's, all)")
     ap.add_argument("--naive-queries", type=int, default=1000)
     ap.add_argument("--no-naive", action="store_true", help="skip the low-rank vs naive comparison")
     ap.add_argument("--no-fork", action="store_true", help="run every method in this process (RSS is cumulative)")

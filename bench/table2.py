@@ -30,6 +30,7 @@ from lmadapt.methods import parse_combination  # noqa: E402
 from lmadapt.mix import mix_log_probs, perplexity  # noqa: E402
 from lmadapt.report import bucket_report, plot_png, to_markdown  # noqa: E402
 from lmadapt.stream import stream_eval  # noqa: E402
+from lmadapt.methods.dyneval import REFERENCE_DECAYS, REFERENCE_LRS  # noqa: E402
 from lmadapt.tune import tune  # noqa: E402
 
 GRIDS = {
@@ -37,7 +38,7 @@ GRIDS = {
     "small": {
         "mbpa": {"memory": [5000], "k": [256], "steps": [1], "alpha": [0.15, 0.5, 1.0, 2.0, 4.0]},
         "cache": {"window": [500, 2000], "theta": [0.1, 0.3, 0.6]},
-        "dyneval": {"lr": [0.0005, 0.002, 0.005], "decay": [0.02]},
+        "dyneval": {"lr": [3e-5, 5e-5, 1e-4], "decay": [0.002]},  # within the reference's grid
         "lambda": [0.0, 0.05, 0.1, 0.15, 0.2, 0.3],
     },
     # After bench/mbpa_ablation.py showed that more local steps help most (small K, short
@@ -45,20 +46,20 @@ GRIDS = {
     "local": {
         "mbpa": {"memory": [500, 1000, 5000], "k": [32, 256], "steps": [1], "alpha": [1.0, 3.0, 10.0]},
         "cache": {"window": [500, 2000], "theta": [0.1, 0.3, 0.6]},
-        "dyneval": {"lr": [0.0005, 0.002, 0.005], "decay": [0.02]},
+        "dyneval": {"lr": [3e-5, 5e-5, 1e-4], "decay": [0.002]},  # within the reference's grid
         "lambda": [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3],
     },
     "tiny": {  # a smoke test of the script
         "mbpa": {"memory": [500], "k": [32], "steps": [1], "alpha": [0.5]},
         "cache": {"window": [500], "theta": [0.3]},
-        "dyneval": {"lr": [0.002], "decay": [0.02]},
+        "dyneval": {"lr": [5e-5], "decay": [0.002]},
         "lambda": [0.0, 0.1],
     },
     "paper": {
         "mbpa": {"memory": [500, 1000, 5000], "k": [256, 512], "steps": [1, 5, 10],
                  "alpha": [0.01, 0.1, 0.15, 0.2, 0.5, 1.0]},
         "cache": {"window": [500, 1000, 5000], "theta": [0.1, 0.3, 0.5, 1.0]},
-        "dyneval": {"lr": [1e-4, 3e-4, 1e-3, 2e-3, 5e-3], "decay": [0.0, 0.01, 0.02, 0.05]},
+        "dyneval": {"lr": REFERENCE_LRS, "decay": REFERENCE_DECAYS},  # the reference code's grid
         "lambda": [0.0, 0.05, 0.1, 0.15],
     },
 }
@@ -100,6 +101,9 @@ def main() -> int:
     grid = {k: dict(v) if isinstance(v, dict) else v for k, v in GRIDS[args.grid_size].items()}
     if args.dyneval_segment:
         grid["dyneval"]["segment"] = [args.dyneval_segment]
+        # the reference's rule: lr and decay scale with L / 5
+        for key in ("lr", "decay"):
+            grid["dyneval"][key] = [v * args.dyneval_segment / 5 for v in grid["dyneval"][key]]
     if args.dyneval_lrs:
         grid["dyneval"]["lr"] = [float(v) for v in args.dyneval_lrs.split(",")]
     eval_splits = args.eval_splits.split(",")

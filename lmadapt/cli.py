@@ -347,7 +347,7 @@ def cmd_eval(args) -> int:
         if args.tune:
             params, lambdas = _tune_for_eval(args, model, corpus, method, params, device, settings)
         report, tokens = evaluate_run(model, corpus, split, method, params, lambdas, device=device,
-                                      segment_len=args.segment)
+                                      segment_len=args.segment, cache_dir=args.run_dir)
         report["run_dir"] = str(args.run_dir or args.hf_model)
         if names:
             from lmadapt.methods import combination_name
@@ -384,7 +384,7 @@ def _tune_for_eval(args, model, corpus, method, params, device, settings) -> tup
     from lmadapt.tune import tune_in_budget
 
     result = tune_in_budget(model, corpus, method, minutes=args.tune_minutes, split="valid", params=params,
-                            device=device, segment_len=args.segment)
+                            device=device, segment_len=args.segment, cache_dir=args.run_dir)
     if "fallback" in result:
         runs.warn(f"{result['fallback']}; evaluating with the settings from {settings['source']}")
         settings.update(source=f"{settings['source']} (tuning fell back)", tune_fallback=result["fallback"])
@@ -414,7 +414,8 @@ def cmd_tune(args) -> int:
                                                 context=args.context, keep=args.context_keep, device=device)
         _check_datastore(args.run_dir, names, params, model, corpus, split)
         best = tune(model, corpus, method, split=split, params=params, grid_overrides=grids,
-                    lambda_grid=lambda_grid, device=device, segment_len=args.segment, max_passes=args.max_passes)
+                    lambda_grid=lambda_grid, device=device, segment_len=args.segment, max_passes=args.max_passes,
+                    cache_dir=args.run_dir)
         best["run_dir"] = str(args.run_dir or args.hf_model)
         print(f"{best['method']} on {best['split']}: ppl {best['ppl']:.2f} (lstm {best['lstm_ppl']:.2f}, "
               f"{best['delta_vs_lstm_percent']:+.1f}%) after {best['passes']} passes")

@@ -100,7 +100,8 @@ def tokens_record(split: str, baseline: StreamResult, corpus, lambdas: dict[str,
 
 def evaluate_run(model, corpus, split: str, method: str, params: dict[str, dict] | None = None,
                  lambdas: dict[str, float] | None = None, *, device="cpu", segment_len: int | None = None,
-                 memory_index: str = "auto", baseline: StreamResult | None = None) -> tuple[dict, dict]:
+                 memory_index: str = "auto", baseline: StreamResult | None = None,
+                 cache_dir=None) -> tuple[dict, dict]:
     """Returns (report, tokens): the JSON report and the per-token record."""
     names = parse_combination(method)
     methods = build_methods(names, params or {})
@@ -114,7 +115,7 @@ def evaluate_run(model, corpus, split: str, method: str, params: dict[str, dict]
     tokens = tokens_record(split, baseline, corpus, lam)
     if names:
         result = stream_eval(model, stream, methods, lam, corpus=corpus, device=device, segment_len=segment_len,
-                             memory_index=memory_index, desc=f"{split} {combo}")
+                             memory_index=memory_index, desc=f"{split} {combo}", cache_dir=cache_dir)
         entry = _entry(result, result.mixed)
         entry["delta_vs_lstm_percent"] = 100 * (entry["ppl"] / report["methods"][BASE]["ppl"] - 1)
         entry["params"] = {m.name: dataclasses.asdict(m.params) for m in methods}

@@ -101,6 +101,10 @@ class LSTMLM(nn.Module):
         self.decoder = nn.Linear(out_size, c.vocab_size)
         if c.tie_weights:
             self.decoder.weight = self.embedding.weight
+        # Eval-mode embedding gradients as sparse rows (dynamic evaluation sets it): at
+        # batch 1 a dense one is a V x emb zero matrix plus, when tied, a dense add into
+        # the softmax gradient, which measured half the forward+backward of an L=5 segment.
+        self.sparse_embedding_grad = False
         self.reset_parameters()
 
     @property
@@ -163,7 +167,8 @@ class LSTMLM(nn.Module):
             # Drop whole word types (Gal & Ghahramani): the same word is dropped everywhere in the batch.
             keep = weight.new_empty(weight.size(0), 1).bernoulli_(1 - p) / (1 - p)
             weight = weight * keep
-        return F.embedding(tokens, weight)
+            return F.embedding(tokens, weight)
+        return F.embedding(tokens, weight, sparse=self.sparse_embedding_grad)
 
     def _run_layer(self, i: int, x: torch.Tensor, state):
         layer = self.layers[i]

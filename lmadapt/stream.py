@@ -89,10 +89,11 @@ def memory_extras_of(methods: list[Method]):
 
 def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str, float], *, corpus=None,
                 device="cpu", segment_len: int | None = None, memory_index: str = "auto",
-                desc: str | None = None) -> StreamResult:
+                desc: str | None = None, cache_dir=None) -> StreamResult:
     """Score `stream` with the base model and `methods`. `segment_len` is a speed knob only
     (None: the largest of the methods' preferred lengths, else DEFAULT_SEGMENT); a method
-    that adapts the model fixes it to its own."""
+    that adapts the model fixes it to its own. `cache_dir`: where methods may cache what they
+    derive from the model (dyneval's gradient statistics); None caches nothing."""
     device = torch.device(device)
     adapting = [m for m in methods if m.adapts_model]
     mixers = [m for m in methods if not m.adapts_model]
@@ -107,7 +108,8 @@ def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str,
 
     memory = make_memory(model, mixers, segment_len, device, memory_index, stream_len=stream.numel())
     extras_of = memory_extras_of(mixers)
-    ctx = EvalContext(model=model, corpus=corpus, memory=memory, device=device, segment_len=segment_len)
+    ctx = EvalContext(model=model, corpus=corpus, memory=memory, device=device, segment_len=segment_len,
+                      cache_dir=cache_dir)
     for m in methods:
         m.start(ctx)
 

@@ -55,7 +55,7 @@ def parse_grid(items: list[str], names: list[str]) -> tuple[dict[str, dict[str, 
 def _settings(name: str, fixed: dict, grid_override: dict) -> list[dict]:
     """All settings of one method: its default grid (with overrides), minus invalid ones."""
     cls = REGISTRY[name]
-    grid = {**cls.grid, **grid_override}
+    grid = {**cls.grid_for(fixed), **grid_override}
     grid = {k: v for k, v in grid.items() if k not in fixed or k in grid_override}
     keys = sorted(grid)
     out = []
@@ -73,7 +73,8 @@ def _settings(name: str, fixed: dict, grid_override: dict) -> list[dict]:
 
 def tune(model, corpus, method: str, *, split: str = "valid", params: dict | None = None,
          grid_overrides: dict | None = None, lambda_grid: list[float] | None = None, device="cpu",
-         segment_len: int | None = None, max_passes: int = 200, tokens: int | None = None) -> dict:
+         segment_len: int | None = None, max_passes: int = 200, tokens: int | None = None,
+         cache_dir=None) -> dict:
     """Grid search on `split` (its first `tokens` + 1 ids when given)."""
     names = parse_combination(method)
     if not names:
@@ -96,7 +97,7 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
 
     def run(methods):
         result = stream_eval(model, stream, methods, {m.name: 0.0 for m in methods if not m.adapts_model},
-                             corpus=corpus, device=device, segment_len=segment_len)
+                             corpus=corpus, device=device, segment_len=segment_len, cache_dir=cache_dir)
         bar.update(1)
         return result
 
@@ -185,13 +186,13 @@ def grid_with_defaults(names: list[str], params: dict) -> dict[str, dict[str, li
     for name in names:
         cls = REGISTRY[name]
         base = build_methods([name], {name: params.get(name, {})})[0].params
-        out[name] = {k: sorted({*values, getattr(base, k)}, key=str) for k, values in cls.grid.items()
+        out[name] = {k: sorted({*values, getattr(base, k)}, key=str) for k, values in cls.grid_for(params.get(name, {})).items()
                      if k not in params.get(name, {})}
     return out
 
 
 def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "valid", params: dict | None = None,
-                   device="cpu", segment_len: int | None = None, probe_tokens: int = 400) -> dict:
+                   device="cpu", segment_len: int | None = None, probe_tokens: int = 400, cache_dir=None) -> dict:
     """`lmadapt eval --tune`: the full `tune` grid on the longest prefix of `split` that fits
     in `minutes`. A pass is priced by timing the requested combination at its current
     settings on a short prefix (an upper bound: a tuning pass runs at most that much);
@@ -207,7 +208,7 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
     probe = min(probe_tokens, available)
     lam = {n: 0.0 for n in names if not REGISTRY[n].adapts_model}
     stream_eval(model, stream[:probe + 1], build_methods(names, params), lam, corpus=corpus, device=device,
-                segment_len=segment_len)
+                segment_len=segment_len, cache_dir=cache_dir)
     per_token = (time.perf_counter() - start) / max(probe, 1)
     left = 60 * minutes - (time.perf_counter() - start)
     tokens = min(available, int(left / (passes * per_token))) if left > 0 else 0
@@ -216,7 +217,7 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
         return {"fallback": f"--tune-minutes {minutes:g} is too short for the {passes}-pass grid even on "
                             f"{MIN_TUNE_TOKENS} {split} tokens (about {need:.1f} min needed)"}
     best = tune(model, corpus, method, split=split, params=params, grid_overrides=grids, device=device,
-                segment_len=segment_len, max_passes=max(passes, 1), tokens=tokens)
+                segment_len=segment_len, max_passes=max(passes, 1), tokens=tokens, cache_dir=cache_dir)
     best["tuned_on"] = {"split": split, "tokens": tokens, "of": available, "passes": passes,
                         "minutes_budget": minutes, "seconds": round(time.perf_counter() - start, 1)}
     return best

@@ -105,8 +105,8 @@ def test_every_method_and_the_full_mixture_run_on_gpt2():
     plain = stream_eval(model, stream, [], {})
     for methods, lambdas in (([NeuralCache(CacheParams(window=50))], {"cache": 0.3}),
                              ([MbPA(MbPAParams(memory=50, k=8, alpha=0.5))], {"mbpa": 0.3}),
-                             ([DynamicEvaluation(DynEvalParams(lr=0.01, decay=0.0))], {}),
-                             ([DynamicEvaluation(DynEvalParams(lr=0.01, decay=0.01)),
+                             ([DynamicEvaluation(DynEvalParams(lr=1e-3, decay=0.0, stat_batch=4))], {}),
+                             ([DynamicEvaluation(DynEvalParams(lr=1e-3, decay=0.002, stat_batch=4)),
                                MbPA(MbPAParams(memory=50, k=8, alpha=0.5)), NeuralCache(CacheParams(window=50))],
                               {"mbpa": 0.2, "cache": 0.2})):
         r = stream_eval(model, stream, methods, lambdas, corpus=corpus)

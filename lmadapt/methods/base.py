@@ -34,6 +34,7 @@ class EvalContext:
     memory: Any                 # lmadapt.memory.EpisodicMemory shared by all memory-based methods
     device: torch.device
     segment_len: int
+    cache_dir: Any = None       # where a method may cache what it derives from the run (the run directory)
 
 
 class Method:
@@ -55,6 +56,11 @@ class Method:
 
     def __init__(self, params=None):
         self.params = params if params is not None else self.Params()
+
+    @classmethod
+    def grid_for(cls, fixed: dict) -> dict[str, list]:
+        """The grid `lmadapt tune` sweeps given the settings held fixed (default: `grid`)."""
+        return cls.grid
 
     def memory_window(self) -> int:
         """How many past positions this method reads from the shared memory (0: none)."""

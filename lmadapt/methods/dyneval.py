@@ -1,21 +1,37 @@
-"""Dynamic evaluation (Krause et al. 2017).
+"""Dynamic evaluation (Krause et al. 2017, "Dynamic Evaluation of Neural Sequence Models").
 
-After each scored segment of L tokens, one gradient step on that segment's
-NLL. Two update rules:
+After each scored segment of L tokens, one gradient step on that segment's mean NLL.
+The default rule, `rms`, is the one of the paper's reference code (benkrause/
+dynamic-evaluation, dynamiceval.py), "RMS norm with decay to the global prior":
 
-* sgd:  θ ← θ − η ∇ + λ (θ₀ − θ)
-* rms:  θ ← θ − η ∇ / (√MS + ε) + λ · r ⊙ (θ₀ − θ),  r = √MS / mean(√MS) clipped at 1/λ
+    θ ← θ − η ∇ / (MS + ε) + λ · r ⊙ (θ₀ − θ)
 
-where MS is the mean squared gradient collected on training data (segments of
-the same length, batch size 1, as at evaluation) and θ₀ the trained weights;
-this is the "RMS norm with decay to the global prior" of the paper and its
-reference code. The stream loop runs its forward pass with the graph kept and
-uses L as its segment length when this method is active.
+* MS is the root-mean-square gradient per weight, collected on the training split in
+  consecutive segments of the same length L at batch size `stat_batch` (100), the
+  recurrent state carried across segments, dropout off: MS = √(Σ_b g_b² / B) over the
+  B batches (all of them, or the first `max_batches`).  Despite its name MS is the
+  root, and the step divides by it (not by its square root).
+* r = MS / m with m the mean over weight *tensors* of each tensor's mean MS (not the
+  mean over all weights), clipped at 1/λ so the decay never overshoots θ₀.
+* θ₀ are the trained weights.  The reference's defaults: η = 5e-5, λ = 0.002,
+  ε = 2e-5, L = 5; its grid (η ∈ 3e-5 … 1e-4, λ ∈ 0.001 … 0.005) scales with L/5.
+
+Where lmadapt differs: `adapt` may restrict the update to a subset of the weights (the
+normaliser is then the mean over that subset's tensors); the reference always adapts
+every weight.  The `sgd` variant is θ ← θ − η ∇ + λ (θ₀ − θ), no statistics.
+
+The statistics pass (one forward/backward over the training split at batch 100) is the
+slow part of starting; when the stream loop is given a cache directory (the run
+directory) its result is stored there, keyed by a hash of the weights, of the training
+stream, L and the batch settings, so a second evaluation of the same run skips it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -25,25 +41,39 @@ from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import Method, Segment
 from lmadapt.params import NON_NEGATIVE, POSITIVE, at_least, between
 
+# The statistics of the most recent key, in this process.
+_RECENT: dict[str, list[torch.Tensor]] = {}
+
+# The reference's hyper-parameter grid at L = 5 (dynamiceval.py --grid); both axes scale by L/5.
+REFERENCE_LRS = [3e-5, 4e-5, 5e-5, 6e-5, 7e-5, 1e-4]
+REFERENCE_DECAYS = [0.001, 0.002, 0.003, 0.005]
+
 
 @dataclass
 class DynEvalParams:
-    lr: float = 0.002        # η
-    decay: float = 0.02      # λ, pull toward the trained weights
-    eps: float = 0.001       # ε of the RMS rule
+    lr: float = 5e-5         # η
+    decay: float = 0.002     # λ, pull toward the trained weights
+    eps: float = 2e-5        # ε of the rms rule
     segment: int = 5         # L, tokens per update
-    variant: str = "rms"     # rms | sgd
+    variant: str = "rms"     # rms (the reference rule) | sgd
     adapt: str = "all"       # all | output | lstm: which parameters move
-    stat_tokens: int = 20000  # training tokens for the gradient statistics (rms)
+    stat_batch: int = 100    # batch size of the gradient statistics (rms)
+    max_batches: int = 0     # statistics over the first N batches of the training split (0: all of it)
 
     RANGES: ClassVar[dict] = {"lr": NON_NEGATIVE, "decay": between(0, 1), "eps": POSITIVE, "segment": at_least(1),
-                              "stat_tokens": at_least(1)}
+                              "stat_batch": at_least(1), "max_batches": NON_NEGATIVE}
+
+
+def select_parameters(model, adapt: str) -> list[torch.nn.Parameter]:
+    """The parameters dynamic evaluation moves, each once (tied weights are one Parameter);
+    which ones `adapt` names is the backbone's business (lmadapt.backbones)."""
+    return model.adaptable_parameters(adapt)
 
 
 class DynamicEvaluation(Method):
     name = "dyneval"
     Params = DynEvalParams
-    grid = {"lr": [1e-4, 3e-4, 1e-3, 2e-3, 5e-3], "decay": [0.0, 0.01, 0.02, 0.05]}
+    grid = {"lr": REFERENCE_LRS, "decay": REFERENCE_DECAYS}
     needs_grad = True
     adapts_model = True
 
@@ -56,64 +86,178 @@ class DynamicEvaluation(Method):
             raise LmadaptError(f"dyneval adapt must be all, output or lstm, got {p.adapt!r}")
         if p.segment < 1:
             raise LmadaptError(f"dyneval segment must be >= 1, got {p.segment}")
+        if p.stat_batch < 1:
+            raise LmadaptError(f"dyneval stat_batch must be >= 1, got {p.stat_batch}")
+        if p.max_batches < 0:
+            raise LmadaptError(f"dyneval max_batches must be >= 0 (0: all), got {p.max_batches}")
+        if p.decay < 0 or p.eps < 0:
+            raise LmadaptError("dyneval decay and eps must be >= 0")
+        self.stats_source = None  # rms: "computed", "cache" (file) or "memory" (this process) once started
 
-    def _select(self, model) -> list[torch.nn.Parameter]:
-        return model.adaptable_parameters(self.params.adapt)  # tied weights appear once
+    @classmethod
+    def grid_for(cls, fixed: dict) -> dict:
+        """The reference's grid, both axes scaled by L/5 as its --grid does."""
+        scale = float(fixed.get("segment", cls.Params().segment)) / 5.0
+        return {"lr": [v * scale for v in REFERENCE_LRS], "decay": [v * scale for v in REFERENCE_DECAYS]}
 
     def start(self, ctx) -> None:
         model = ctx.model
         self.model = model
         self.device = ctx.device
-        self.adapted = self._select(model)
+        self.adapted = select_parameters(model, self.params.adapt)
+        if hasattr(model, "sparse_embedding_grad"):  # the stream's own copy of the model
+            model.sparse_embedding_grad = True
         chosen = {id(p) for p in self.adapted}
         for p in model.parameters():
             p.requires_grad_(id(p) in chosen)
         self.theta0 = [p.detach().clone() for p in self.adapted]
         p = self.params
         if p.variant == "rms":
-            rms = self._gradient_rms(ctx.corpus.train)
-            mean = torch.cat([r.flatten() for r in rms]).mean()
-            self.rms = rms
-            cap = 1.0 / p.decay if p.decay > 0 else float("inf")
-            self.decay_rate = [(r / mean).clamp(max=cap) for r in rms]
+            self.rms = self._statistics(ctx.corpus, getattr(ctx, "cache_dir", None))
+            rate = decay_rates(self.rms, p.decay)
+        else:
+            self.rms = None
+            rate = [torch.ones_like(w) for w in self.theta0]
         # The update rule rewritten so that one step is two passes over the weights:
         #   w <- w + decay * r (w0 - w) - lr * g * inv  =  keep * w + anchor - lr * g * inv
-        # with keep = 1 - decay * r, anchor = decay * r * w0 and inv = 1 / (sqrt(MS) + eps)
+        # with keep = 1 - decay * r, anchor = decay * r * w0 and inv = 1 / (MS + eps)
         # precomputed here (r = 1 and inv = 1 for sgd).  The textbook form made ~8 passes and
         # temporaries per weight per segment, and the update dominates at L = 5.
-        rate = self.decay_rate if p.variant == "rms" else [torch.ones_like(w) for w in self.theta0]
         self.keep = [1.0 - p.decay * r for r in rate] if p.decay else None
         self.anchor = [p.decay * r * w0 for r, w0 in zip(rate, self.theta0)] if p.decay else None
         self.inv = [1.0 / (r + p.eps) for r in self.rms] if p.variant == "rms" else None
 
-    def _gradient_rms(self, train: torch.Tensor) -> list[torch.Tensor]:
-        """√(mean squared gradient) per weight, over consecutive training segments."""
+    # ------------------------------------------------------------------ statistics
+    def _statistics(self, corpus, cache_dir) -> list[torch.Tensor]:
+        """MS of the adapted weights.  Computed (and cached) for every weight: the gradient
+        of a weight does not depend on which others adapt, so one pass serves all `adapt`
+        choices."""
+        if corpus is None or getattr(corpus, "train", None) is None:
+            raise LmadaptError("dyneval's rms rule needs the training split for its gradient statistics")
         p = self.params
-        stream = train[: p.stat_tokens + 1].to(self.device)
-        sums = [torch.zeros_like(q) for q in self.adapted]
-        state, count = self.model.init_state(1, self.device), 0
-        for s in range(0, stream.numel() - 1, p.segment):
-            x = stream[s:s + p.segment].unsqueeze(0)
-            y = stream[s + 1:s + 1 + p.segment].unsqueeze(0)
-            x = x[:, :y.size(1)]
-            _, logits, state = self.model(x, state)
-            state = self.model.detach_state(state)
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-            grads = torch.autograd.grad(loss, self.adapted)
-            for acc, g in zip(sums, grads):
-                acc.add_(g.square())
-            count += 1
-        if count == 0:
-            raise LmadaptError("dyneval needs training data for its gradient statistics")
-        return [(acc / count).sqrt() for acc in sums]
+        every = select_parameters(self.model, "all")
+        key = self._cache_key(corpus.train, every)
+        rms = _RECENT.get(key)  # e.g. the passes of `lmadapt tune`, which share one model
+        if rms is not None:
+            self.stats_source = "memory"
+        else:
+            path = Path(cache_dir) / f"dyneval-stats-{key}.pt" if cache_dir is not None else None
+            rms = _load_cached(path, every) if path is not None else None
+            if rms is not None:
+                self.stats_source = "cache"
+            else:
+                flags = [q.requires_grad for q in every]
+                for q in every:
+                    q.requires_grad_(True)
+                try:
+                    rms = gradient_rms(self.model, every, corpus.train.to(self.device), p.segment, p.stat_batch,
+                                       p.max_batches)
+                finally:
+                    for q, f in zip(every, flags):
+                        q.requires_grad_(f)
+                self.stats_source = "computed"
+                if path is not None:
+                    _store(path, rms)
+            _RECENT.clear()  # keep one entry: statistics are the size of the model
+            _RECENT[key] = rms
+        index = {id(q): i for i, q in enumerate(every)}
+        return [rms[index[id(q)]].to(q.device) for q in self.adapted]
 
+    def _cache_key(self, train: torch.Tensor, params) -> str:
+        """Hash of everything the statistics depend on: the weights, which ones the
+        statistics cover, the training stream, L and the batch settings."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        names = {id(q): n for n, q in self.model.named_parameters()}
+        h.update(",".join(names[id(q)] for q in params).encode())
+        h.update(train.to("cpu", torch.int64).contiguous().numpy().tobytes())
+        p = self.params
+        h.update(f"split=train;L={p.segment};batch={p.stat_batch};max_batches={p.max_batches};v1".encode())
+        return h.hexdigest()[:24]
+
+    # ------------------------------------------------------------------ the loop's hooks
     def target_log_probs(self, seg: Segment):
         raise NotImplementedError("dynamic evaluation adapts the base model; it is not mixed in")
 
     def observe(self, seg: Segment, loss) -> None:
-        grads = torch.autograd.grad(loss, self.adapted)
+        grads = _dense(torch.autograd.grad(loss, self.adapted))
         with torch.no_grad():
             apply_update(self.adapted, grads, lr=self.params.lr, keep=self.keep, anchor=self.anchor, inv=self.inv)
+
+
+def gradient_rms(model, params: list[torch.Tensor], train: torch.Tensor, segment: int, batch: int,
+                 max_batches: int = 0) -> list[torch.Tensor]:
+    """MS per weight of `params`: √(mean over batches of the squared gradient of each
+    batch's mean NLL), the training stream cut into `batch` contiguous columns walked in
+    segments of `segment` tokens with the state carried (the reference's gradstat())."""
+    from lmadapt.train import batchify
+
+    if train.numel() < 2 * batch + 2:
+        raise LmadaptError(f"dyneval's statistics need at least {2 * batch + 2} training tokens at stat_batch "
+                           f"{batch}, got {train.numel()}")
+    was_training = model.training
+    model.eval()
+    data = batchify(train, batch)  # (batch, n): row b is the b-th contiguous slice
+    n = data.size(1)
+    sums = [torch.zeros_like(q) for q in params]
+    state, count, i = model.init_state(batch, train.device), 0, 0
+    while i < n - 2:  # the reference's bound: its last segment may be shorter
+        seq = min(segment, n - 1 - i)
+        x, y = data[:, i:i + seq], data[:, i + 1:i + 1 + seq]
+        _, logits, state = model(x, state)
+        state = model.detach_state(state)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        grads = _dense(torch.autograd.grad(loss, params))
+        torch._foreach_addcmul_(sums, grads, grads)
+        count += 1
+        i += seq
+        if max_batches and count >= max_batches:
+            break
+    model.train(was_training)
+    return [(acc / count).sqrt() for acc in sums]
+
+
+def _dense(grads) -> list[torch.Tensor]:
+    # An untied embedding's gradient comes sparse (model.sparse_embedding_grad); a tied
+    # one is already summed into the softmax's dense gradient.
+    return [g.to_dense() if g.is_sparse else g for g in grads]
+
+
+def decay_rates(rms: list[torch.Tensor], decay: float) -> list[torch.Tensor]:
+    """r = MS / (mean over tensors of each tensor's mean MS), clipped at 1/λ."""
+    norm = torch.stack([r.mean() for r in rms]).mean()
+    rates = [r / norm for r in rms]
+    if decay > 0:
+        rates = [r.clamp(max=1.0 / decay) for r in rates]
+    return rates
+
+
+def _load_cached(path: Path, params) -> list[torch.Tensor] | None:
+    if not path.is_file():
+        return None
+    from lmadapt import runs
+
+    try:
+        data = runs.load_tensors(path, map_location=params[0].device)
+    except LmadaptError:
+        return None  # a damaged cache file: recompute (and overwrite it)
+    rms = data.get("rms") if isinstance(data, dict) else None
+    if not isinstance(rms, list) or len(rms) != len(params) or any(
+            not isinstance(r, torch.Tensor) or r.shape != q.shape for r, q in zip(rms, params)):
+        return None
+    return [r.to(q.dtype) for r, q in zip(rms, params)]
+
+
+def _store(path: Path, rms) -> None:
+    from lmadapt import runs
+
+    try:
+        runs.save_tensors(path, {"rms": [r.detach().cpu() for r in rms]})
+    except OSError as exc:
+        # A read-only run directory only costs the next evaluation the pass again.
+        print(f"lmadapt: dyneval statistics not cached ({path.parent}: {exc.strerror or exc})", file=sys.stderr)
 
 
 def apply_update(weights, grads, *, lr: float, keep=None, anchor=None, inv=None) -> None:
