@@ -82,6 +82,7 @@ class WindowState:
     inner: Any            # the backbone's state in the current window
     pos: int              # stream position of the next input
     recent: torch.Tensor  # (B, <= max_length) the last inputs (what a short last window re-reads)
+    plain: bool = False   # plain windows of max_length from position 0 (no documents)
 
 
 class WindowedContext(nn.Module):
@@ -90,17 +91,23 @@ class WindowedContext(nn.Module):
     `regions` are (first input position, number of inputs) of each document in the stream;
     positions between regions (a document's last token, predicting the next prefix) run
     from a fresh state; positions after the last region are cut in plain windows.
+
+    The first `plain_states` states from init_state ignore the regions (plain windows from
+    position 0): they serve passes over other text made before the stream's own pass
+    (dynamic evaluation's gradient statistics over training text), which must not depend
+    on where the documents of the stream begin.
     """
 
     train_carries_state = False
 
-    def __init__(self, inner, length: int, regions: list[tuple[int, int]]):
+    def __init__(self, inner, length: int, regions: list[tuple[int, int]], plain_states: int = 0):
         super().__init__()
         self.inner = inner
         self.length = length
         self.regions = list(regions)
         self.starts = [s for s, _ in self.regions]
         self.end = self.regions[-1][0] + self.regions[-1][1] if self.regions else 0
+        self.plain_states = plain_states
 
     @property
     def feature_size(self) -> int:
@@ -118,14 +125,18 @@ class WindowedContext(nn.Module):
 
     def init_state(self, batch_size: int, device=None) -> WindowState:
         device = device if device is not None else next(self.inner.parameters()).device
-        return WindowState(None, 0, torch.empty(batch_size, 0, dtype=torch.long, device=device))
+        plain = self.plain_states > 0
+        self.plain_states -= plain
+        return WindowState(None, 0, torch.empty(batch_size, 0, dtype=torch.long, device=device), plain)
 
     def detach_state(self, state: WindowState) -> WindowState:
         if state is not None and state.inner is not None:
             state.inner = self.inner.detach_state(state.inner)
         return state
 
-    def _region(self, pos: int):
+    def _region(self, pos: int, plain: bool = False):
+        if plain:
+            return 0, math.inf
         if pos >= self.end:
             return self.end, math.inf
         i = bisect.bisect_right(self.starts, pos) - 1
@@ -140,7 +151,7 @@ class WindowedContext(nn.Module):
         inner, pos, recent, L = state.inner, state.pos, state.recent, self.length
         hiddens, logits_parts, i = [], [], 0
         while i < T:
-            region = self._region(pos)
+            region = self._region(pos, state.plain)
             if region is None:  # between documents: one input from a fresh state
                 inner, n = self.inner.init_state(B, tokens.device), 1
             else:
@@ -163,7 +174,7 @@ class WindowedContext(nn.Module):
             i += n
         hidden = torch.cat(hiddens, 1)
         logits = torch.cat(logits_parts, 1) if compute_logits else None
-        return hidden, logits, WindowState(inner, pos, recent)
+        return hidden, logits, WindowState(inner, pos, recent, state.plain)
 
 
 # --------------------------------------------------------------------------- model arguments
@@ -184,8 +195,10 @@ def _method_spec(kwargs: dict) -> tuple[str, dict, dict]:
             raise LmadaptError(f"model_args config={path}: cannot read a JSON object: {exc}") from None
         if not isinstance(config, dict):
             raise LmadaptError(f"model_args config={path} must hold a JSON object (method, params, lambdas)")
-    method = str(kwargs.pop("method", config.get("method", BASE))).strip()
-    if method == "none":
+    method = kwargs.pop("method", None)
+    method = config.get("method", BASE) if method is None or method == "" else method
+    method = str(method).strip()
+    if method.lower() == "none":  # lm-eval's argument parser turns method=none into None
         method = BASE
     names = parse_combination(method)
     params = {k: dict(v) for k, v in config.get("params", {}).items()}
@@ -256,7 +269,7 @@ class LmadaptLM(LM):
     Transformer's context under carry); context_keep=N (carry); data=, data_dir= (the
     training corpus dyneval's statistics read); device=, threads=, segment=."""
 
-    def __init__(self, run=None, hf_model=None, method="none", scope="document", context="windows",
+    def __init__(self, run=None, hf_model=None, method=None, scope="document", context="windows",
                  max_length=None, context_keep=None, data=None, data_dir=None, device="cpu", threads=None,
                  segment=None, **kwargs):
         super().__init__()
@@ -393,13 +406,16 @@ class LmadaptLM(LM):
         from lmadapt.stream import stream_eval
 
         model = self.model
+        methods = self._methods()
         if self.context_policy == "windows":
-            model = WindowedContext(self.model, self.max_length, regions)
+            # dynamic evaluation's RMS statistics make one pass over training text in start()
+            before = sum(1 for m in methods if m.adapts_model and getattr(m.params, "variant", None) == "rms")
+            model = WindowedContext(self.model, self.max_length, regions, plain_states=before)
         greedy = _Sink()
         stream = torch.tensor(tokens, dtype=torch.long)
         recorder = _GreedyRecorder(model, greedy)
         start = time.perf_counter()
-        result = stream_eval(recorder, stream, self._methods(), self.lambdas, corpus=self.corpus,
+        result = stream_eval(recorder, stream, methods, self.lambdas, corpus=self.corpus,
                              device=self.device_name, segment_len=self.segment)
         self.seconds += time.perf_counter() - start
         hits = torch.cat(greedy)[: stream.numel() - 1].cpu() == stream[1:]
