@@ -98,7 +98,7 @@ def main() -> None:
         model = HFCausalLM(lm, context=context, keep=keep).eval()
         # rms statistics on 2k training tokens (not timed); the LSTM's default lr 0.002 sends this
         # random GPT-2 to NaN within ~20 updates, 2e-4 does not (the figure here is speed only)
-        params = {"dyneval": {"stat_tokens": 2000, "lr": 2e-4}}
+        params = {"dyneval": {"max_batches": 200, "lr": 2e-4}}
         r = stream_eval(model, ids, build_methods(list(methods), params), lambdas or {}, corpus=corpus)
         rows[name] = {"ppl": math.exp(-r.mixed.mean().item()), "tokens_per_second": r.tokens / r.seconds}
         return r

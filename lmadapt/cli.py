@@ -478,6 +478,47 @@ def cmd_datastore_build(args) -> int:
         print(f"datastore {args.out}: {manifest['keys']:,} keys, index {manifest['index']['type']}, "
               f"{total / 1e6:.1f} MB; embed {sec.get('embed', 0):.1f} s, train {sec['train']:.1f} s, "
               f"add {sec['add']:.1f} s")
+
+
+def cmd_harness(args) -> int:
+    """lm-eval's CLI with the `lmadapt` model registered and lmadapt's task files included."""
+    import tempfile
+
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise LmadaptError('`lmadapt harness` needs lm-evaluation-harness: pip install "lmadapt[harness]"') from None
+    rest = list(args.harness_args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    if rest[:1] == ["run"]:
+        rest = rest[1:]
+    if args.task_file is not None:
+        if not Path(args.task_file).is_file():
+            raise LmadaptError(f"--task-file {args.task_file}: no such file")
+        rest += ["--metadata", json.dumps({"task_file": str(Path(args.task_file).resolve())})]
+    import lmadapt.harness as harness
+
+    if "--include_path" not in rest:
+        rest += ["--include_path", str(harness.TASK_DIR)]
+    with contextlib.ExitStack() as stack:
+        # Hub caches (datasets, models) go where the user said (HF_HOME / HF_DATASETS_CACHE), else
+        # to --cache-dir, else to a temporary folder removed at the end: never silently into ~/.cache.
+        if not (os.environ.get("HF_HOME") or os.environ.get("HF_DATASETS_CACHE")):
+            cache = args.cache_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="lmadapt-harness-"))
+            os.environ["HF_HOME"] = str(cache)
+            os.environ["HF_DATASETS_CACHE"] = str(Path(cache) / "datasets")
+        from lm_eval._cli import HarnessCLI
+        from lm_eval.utils import setup_logging
+
+        setup_logging()
+        saved = sys.argv
+        sys.argv = ["lm-eval", "run", *rest]
+        try:
+            cli = HarnessCLI()
+            cli.execute(cli.parse_args())
+        finally:
+            sys.argv = saved
     return 0
 
 
@@ -573,13 +614,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="corpus (default: the one the run was trained on)")
     p.add_argument("--data-dir", help="directory holding named corpora")
     p.add_argument("--force", action="store_true", help="rebuild from scratch, replacing what is in --out")
-    p.add_argument("--row", type=int, default=2048, help="positions per independently embedded row")
-    p.add_argument("--warmup", type=int, default=256, help="burn-in positions before each row")
-    p.add_argument("--rows-per-part", type=int, default=32,
+    p.add_argument("--row", type=arg(int, at_least(1)), default=2048, help="positions per independently embedded row")
+    p.add_argument("--warmup", type=arg(int, NON_NEGATIVE), default=256, help="burn-in positions before each row")
+    p.add_argument("--rows-per-part", type=arg(int, at_least(1)), default=32,
                    help="rows batched into one part (the unit of resumption and sharding)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="auto", help=DEVICES)
+    p.add_argument("--threads", type=THREADS, default=0)
     p.set_defaults(func=cmd_datastore_build)
+
+    p = sub.add_parser("harness", help="lm-evaluation-harness with --model lmadapt (arguments go to `lm-eval run`)",
+                       description="Runs `lm-eval run ARGS` with the lmadapt model registered and lmadapt's tasks "
+                                   "(lmadapt_wikitext_local, lmadapt_wikitext_local_tokenized) included. Model args: "
+                                   "run=RUN or hf_model=DIR, method=none|cache|mbpa|dyneval|A+B, scope=document|stream, "
+                                   "context=windows|carry, max_length=N, lambda_NAME=x, NAME_FIELD=x (docs/harness.md).")
+    p.add_argument("--task-file", metavar="PATH", help="the text file the lmadapt_wikitext_local tasks read")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="Hugging Face caches when HF_HOME is unset (default: a temporary folder)")
+    p.add_argument("harness_args", nargs="*", metavar="LM_EVAL_ARGS", help="arguments of `lm-eval run`")
+    p.set_defaults(func=cmd_harness)
 
     from lmadapt.classify.cli import add_parser as add_classify
 
@@ -587,9 +639,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _harness_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`harness` arguments: lmadapt's own options (and --help) vs those passed to lm-eval as they are."""
+    own, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--task-file", "--cache-dir") and i + 1 < len(argv):
+            own += argv[i:i + 2]
+            i += 2
+            continue
+        if a.startswith(("--task-file=", "--cache-dir=")) or (a in ("-h", "--help") and not rest):
+            own.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return own, rest
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed: list[str] = []
+    if argv[:1] == ["harness"]:  # lm-eval's options are not ours to parse
+        own, passed = _harness_argv(argv[1:])
+        argv = ["harness", *own]
     try:
         args = build_parser().parse_args(argv)
+        if passed:
+            args.harness_args = passed
     except SystemExit as exc:  # argparse has printed its one-line error (or --help)
         return exc.code if isinstance(exc.code, int) else 2
     try:

@@ -1,0 +1,1 @@
+"""lm-eval task files shipped with lmadapt (found with --include_path lmadapt.harness.TASK_DIR)."""
