@@ -264,6 +264,11 @@ def _method_settings(args, config: dict) -> tuple[str, dict, dict]:
     method = args.method or config.get("method") or "lstm"
     params = {k: dict(v) for k, v in config.get("params", {}).items()}
     lambdas = {k: float(v) for k, v in config.get("lambdas", {}).items()}
+    preset = getattr(args, "preset", None)
+    if preset:
+        if config:
+            raise LmadaptError("--preset and --config both give settings: use one of them")
+        params, lambdas = preset_settings(preset, method)
     for name in [*params, *lambdas]:
         if name not in REGISTRY:
             raise LmadaptError(f"--config names unknown method {name!r}; valid: {', '.join(REGISTRY)}")
@@ -286,6 +291,24 @@ def _method_settings(args, config: dict) -> tuple[str, dict, dict]:
         params.setdefault("knn", {})["datastore"] = args.datastore
         params.setdefault("mbpa", {})["datastore"] = args.datastore
     return method, params, lambdas
+
+
+def preset_settings(preset: str, method: str) -> tuple[dict, dict]:
+    """A named preset's params and λ for each method of `method` that has it."""
+    from lmadapt.methods import REGISTRY, parse_combination
+
+    names = parse_combination(method)
+    known = sorted({p for cls in REGISTRY.values() for p in cls.PRESETS})
+    if preset not in known:
+        raise LmadaptError(f"unknown --preset {preset!r}; known presets: {', '.join(known) or 'none'}")
+    params, lambdas = {}, {}
+    for name in names:
+        values = dict(REGISTRY[name].PRESETS.get(preset, {}))
+        if "lambda" in values:
+            lambdas[name] = float(values.pop("lambda"))
+        if values:
+            params[name] = values
+    return params, lambdas
 
 
 def _outputs_lock(paths: list[Path | None]):
@@ -326,10 +349,7 @@ def cmd_eval(args) -> int:
     if args.tune:
         if not names:
             raise LmadaptError("--tune needs a --method to tune (e.g. mbpa+cache)")
-        if args.text or args.hf_model:
-            raise LmadaptError("--tune tunes on a run's valid split; with --text or --hf-model use `lmadapt tune` "
-                               "on a held-out text first")
-        if args.split == "valid":
+        if args.split == "valid" and not args.text:
             raise LmadaptError("--tune tunes on the valid split, so it cannot also score it: use --split test")
     json_out = runs.check_output(args.json, "--json", overwrite=args.overwrite)
     tokens_out = runs.check_output(args.save_tokens, "--save-tokens", overwrite=args.overwrite)
@@ -341,13 +361,14 @@ def cmd_eval(args) -> int:
     with _outputs_lock([json_out, tokens_out]):
         model, corpus, split = load_eval_inputs(args.run_dir, hf_model=args.hf_model, text=args.text,
                                                 data=args.data, data_dir=args.data_dir, split=args.split,
-                                                context=args.context, keep=args.context_keep, device=device)
+                                                context=args.context, keep=args.context_keep, device=device,
+                                                extra_splits=("valid",) if args.tune and not args.text else ())
         _check_datastore(args.run_dir, names, params, model, corpus, split)
         settings = _settings_record(args, names)
         if args.tune:
-            params, lambdas = _tune_for_eval(args, model, corpus, method, params, device, settings)
+            params, lambdas, corpus = _tune_for_eval(args, model, corpus, split, method, params, device, settings)
         report, tokens = evaluate_run(model, corpus, split, method, params, lambdas, device=device,
-                                      segment_len=args.segment, cache_dir=args.run_dir)
+                                      segment_len=args.segment, cache_dir=args.run_dir, limit=args.tokens)
         report["run_dir"] = str(args.run_dir or args.hf_model)
         if names:
             from lmadapt.methods import combination_name
@@ -375,25 +396,40 @@ def _settings_record(args, names: list[str]) -> dict:
     flags = sorted(k for k, v in vars(args).items() if v is not None and k.startswith(("m__", "lambda__")))
     if not names:
         return {"source": "none"}
-    source = "+".join([*(["config"] if args.config else []), *(["flags"] if flags else [])]) or "defaults"
-    return {"source": source, **({"config": str(args.config)} if args.config else {})}
+    preset = getattr(args, "preset", None)
+    source = "+".join([*([f"preset {preset}"] if preset else []), *(["config"] if args.config else []),
+                       *(["flags"] if flags else [])]) or "defaults"
+    return {"source": source, **({"config": str(args.config)} if args.config else {}),
+            **({"preset": preset} if preset else {})}
 
 
-def _tune_for_eval(args, model, corpus, method, params, device, settings) -> tuple[dict, dict]:
-    """--tune: settings and λ from a grid search on a valid prefix sized to --tune-minutes."""
+def _tune_for_eval(args, model, corpus, split, method, params, device, settings) -> tuple[dict, dict, object]:
+    """--tune: settings and λ from a grid search on a valid prefix sized to --tune-minutes. A
+    --text has no valid split: tuning takes a leading part of it (at most half), and the
+    lines it read are then left out of the scored stream. Returns (params, λ, corpus)."""
+    from lmadapt.text import hold_out_prefix
     from lmadapt.tune import tune_in_budget
 
-    result = tune_in_budget(model, corpus, method, minutes=args.tune_minutes, split="valid", params=params,
-                            device=device, segment_len=args.segment, cache_dir=args.run_dir)
+    on_text = split == "text"
+    tune_split = "text" if on_text else "valid"
+    cap = (corpus.split("text").numel() - 1) // 2 if on_text else None
+    result = tune_in_budget(model, corpus, method, minutes=args.tune_minutes, split=tune_split, params=params,
+                            device=device, segment_len=args.segment, cache_dir=args.run_dir, max_tokens=cap)
     if "fallback" in result:
         runs.warn(f"{result['fallback']}; evaluating with the settings from {settings['source']}")
         settings.update(source=f"{settings['source']} (tuning fell back)", tune_fallback=result["fallback"])
-        return params, {}
+        return params, {}, corpus
     on = result["tuned_on"]
-    print(f"tuned on valid[:{on['tokens']:,}] of {on['of']:,} tokens ({on['passes']} passes, {on['seconds']:.0f} s): "
-          f"params {json.dumps(result['params'])}  lambdas {json.dumps(result['lambdas'])}", file=sys.stderr)
+    print(f"tuned on {tune_split}[:{on['tokens']:,}] of {on['of']:,} tokens ({on['passes']} passes, "
+          f"{on['seconds']:.0f} s): params {json.dumps(result['params'])}  lambdas {json.dumps(result['lambdas'])}",
+          file=sys.stderr)
+    if on_text:
+        corpus, held = hold_out_prefix(corpus, "text", on["tokens"])
+        on = {**on, "held_out_lines": held["lines"], "of_lines": held["of_lines"], "excluded_from_score": True}
+        print(f"the first {held['lines']:,} of {held['of_lines']:,} lines of {args.text} were used for tuning "
+              f"and are not scored", file=sys.stderr)
     settings.update(source="tune", tuned_on=on, tune_valid_ppl=result["ppl"], tune_lstm_ppl=result["lstm_ppl"])
-    return result["params"], result["lambdas"]
+    return result["params"], result["lambdas"], corpus
 
 
 def cmd_tune(args) -> int:
@@ -561,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="valid", choices=["valid", "test", "train"])
     p.add_argument("--method", help="lstm, cache, mbpa, dyneval or a '+' combination such as mbpa+cache")
     p.add_argument("--config", help="JSON with method, params and lambdas (e.g. from `lmadapt tune`)")
+    p.add_argument("--preset", help="named settings instead of the defaults: paper (each method's source paper)")
+    p.add_argument("--tokens", type=arg(int, at_least(1)), default=None,
+                   help="score only the first N tokens of the split (per-word and per-byte figures are then omitted)")
     p.add_argument("--segment", type=arg(int, at_least(1)), default=None,
                    help="positions per segment (speed only; default: the methods' preference, else 128)")
     p.add_argument("--json", help="write the report as JSON here")

@@ -101,12 +101,15 @@ def tokens_record(split: str, baseline: StreamResult, corpus, lambdas: dict[str,
 def evaluate_run(model, corpus, split: str, method: str, params: dict[str, dict] | None = None,
                  lambdas: dict[str, float] | None = None, *, device="cpu", segment_len: int | None = None,
                  memory_index: str = "auto", baseline: StreamResult | None = None,
-                 cache_dir=None) -> tuple[dict, dict]:
-    """Returns (report, tokens): the JSON report and the per-token record."""
+                 cache_dir=None, limit: int | None = None) -> tuple[dict, dict]:
+    """Returns (report, tokens): the JSON report and the per-token record. `limit`: score
+    only the split's first `limit` targets."""
     names = parse_combination(method)
     methods = build_methods(names, params or {})
     lam = mixture_lambdas(names, lambdas or {})
     stream = corpus.split(split)
+    if limit is not None:
+        stream = stream[:limit + 1]
     if baseline is None:
         baseline = stream_eval(model, stream, [], {}, corpus=corpus, device=device, segment_len=segment_len,
                                desc=f"{split} lstm")
@@ -137,7 +140,7 @@ def evaluate_run(model, corpus, split: str, method: str, params: dict[str, dict]
         if derived:
             report["mixtures_from_same_pass"] = derived
     units = (getattr(corpus, "units", None) or {}).get(split)
-    if units:  # per word and per byte: comparable across tokenizers (lmadapt.text)
+    if units and limit is None:  # per word and per byte: comparable across tokenizers (lmadapt.text)
         from lmadapt.text import unit_figures
 
         report["units"] = units

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -59,6 +59,8 @@ class TextCorpus:
     units: dict[str, dict]
     train_source: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     oov_rate: float | None = None
+    encoder: Callable[[str], torch.Tensor] | None = field(default=None, repr=False)  # text -> ids
+    texts: dict[str, str] = field(default_factory=dict, repr=False)  # each stream's text, when it has one
 
     def split(self, name: str) -> torch.Tensor:
         if name not in self.streams:
@@ -82,6 +84,31 @@ class TextCorpus:
             print(f"lmadapt: warning: no training-split frequencies in the tokens record ({exc})", file=sys.stderr)
             train = torch.empty(0, dtype=torch.long)
         return torch.bincount(train, minlength=self.vocab_size)
+
+
+def hold_out_prefix(corpus: TextCorpus, split: str, tokens: int) -> tuple[TextCorpus, dict]:
+    """`corpus` with `split` cut after the fewest whole lines whose ids cover its first
+    `tokens` + 1 (what tuning read): the scored stream starts on the next line, so no
+    token that tuning saw, nor the rest of its line, is scored."""
+    text = corpus.texts.get(split)
+    if text is None or corpus.encoder is None:
+        raise LmadaptError(f"cannot hold out a prefix of {split!r}: its text is not kept")
+    lines = text.splitlines(keepends=True)
+    lo, hi = 1, len(lines)
+    while lo < hi:  # the smallest line count covering the tuned ids (encoding is monotone in lines)
+        mid = (lo + hi) // 2
+        if corpus.encoder("".join(lines[:mid])).numel() >= tokens + 1:
+            hi = mid
+        else:
+            lo = mid + 1
+    rest = "".join(lines[lo:])
+    ids = corpus.encoder(rest) if rest.strip() else torch.empty(0, dtype=torch.long)
+    if ids.numel() < 2:
+        raise LmadaptError(f"tuning used the first {tokens:,} tokens of {corpus.name} and nothing is left to "
+                           f"score: give a longer text or a smaller --tune-minutes")
+    held = {"split": split, "lines": lo, "of_lines": len(lines), "scored_tokens": int(ids.numel()) - 1}
+    return replace(corpus, streams={**corpus.streams, split: ids}, units={**corpus.units, split: text_units(rest)},
+                   texts={**corpus.texts, split: rest}), held
 
 
 def _split_lines(data: str, data_dir, split: str) -> list[str]:
@@ -111,8 +138,13 @@ def run_text_corpus(run_dir, cfg, text_path, data=None, data_dir=None) -> TextCo
     oov = None
     if spm is not None:
         sp = _spm_processor(spm)
-        ids = torch.from_numpy(_spm_encode(sp, text.splitlines(), vocab.unk, vocab.eos))
+
+        def encoder(t: str) -> torch.Tensor:
+            return torch.from_numpy(_spm_encode(sp, t.splitlines(), vocab.unk, vocab.eos))
+        ids = encoder(text)
     else:
+        def encoder(t: str) -> torch.Tensor:
+            return _word_encode(vocab, t, f"{text_path}")[0]
         ids, oov = _word_encode(vocab, text, f"{text_path}")
         if oov > OOV_WARNING:
             print(f"lmadapt: warning: {100 * oov:.1f}% of the words of {text_path} are not in the run's "
@@ -124,11 +156,14 @@ def run_text_corpus(run_dir, cfg, text_path, data=None, data_dir=None) -> TextCo
         return corpus.train
 
     return TextCorpus(name=str(text_path), vocab_size=len(vocab), streams={"text": ids},
-                      units={"text": text_units(text)}, train_source=train, oov_rate=oov)
+                      units={"text": text_units(text)}, train_source=train, oov_rate=oov, encoder=encoder,
+                      texts={"text": text})
 
 
-def hf_corpus(tokenizer, vocab_size: int, *, text_path=None, data=None, data_dir=None, split="valid") -> TextCorpus:
-    """A text file, or a corpus split rebuilt as text (lines + newlines), through an HF tokenizer."""
+def hf_corpus(tokenizer, vocab_size: int, *, text_path=None, data=None, data_dir=None, split="valid",
+              extra_splits: tuple = ()) -> TextCorpus:
+    """A text file, or a corpus split rebuilt as text (lines + newlines), through an HF tokenizer;
+    `extra_splits`: further splits of the corpus to encode (e.g. valid, for --tune)."""
     def encode(text: str) -> torch.Tensor:
         try:
             ids = tokenizer(text, verbose=False)["input_ids"]
@@ -150,12 +185,17 @@ def hf_corpus(tokenizer, vocab_size: int, *, text_path=None, data=None, data_dir
         raise LmadaptError(f"{name}: fewer than 2 tokens to score")
     if int(ids.max()) >= vocab_size:
         raise LmadaptError(f"the tokenizer gives id {int(ids.max())} but the model has {vocab_size} outputs")
-    return TextCorpus(name=name, vocab_size=vocab_size, streams={key: ids}, units={key: text_units(text)},
-                      train_source=train)
+    streams, units, texts = {key: ids}, {key: text_units(text)}, {key: text}
+    for extra in extra_splits:
+        if text_path is None and extra != key:
+            texts[extra] = "\n".join(_split_lines(data, data_dir, extra)) + "\n"
+            streams[extra], units[extra] = encode(texts[extra]), text_units(texts[extra])
+    return TextCorpus(name=name, vocab_size=vocab_size, streams=streams, units=units, train_source=train,
+                      encoder=encode, texts=texts)
 
 
 def load_eval_inputs(run_dir=None, *, hf_model=None, text=None, data=None, data_dir=None, split="valid",
-                     context=None, keep=None, device="cpu"):
+                     context=None, keep=None, device="cpu", extra_splits: tuple = ()):
     """(model, corpus, split) for `lmadapt eval`: a run directory or --hf-model, a corpus or --text."""
     if (run_dir is None) == (hf_model is None):
         raise LmadaptError("give either a run directory or --hf-model DIR")
@@ -163,7 +203,8 @@ def load_eval_inputs(run_dir=None, *, hf_model=None, text=None, data=None, data_
         from lmadapt.backbones.hf import load_pretrained
 
         model, tokenizer = load_pretrained(hf_model, context=context, keep=keep, device=device)
-        corpus = hf_corpus(tokenizer, model.vocab_size, text_path=text, data=data, data_dir=data_dir, split=split)
+        corpus = hf_corpus(tokenizer, model.vocab_size, text_path=text, data=data, data_dir=data_dir, split=split,
+                           extra_splits=extra_splits)
         return model, corpus, "text" if text is not None else split
 
     from lmadapt.evaluate import load_for_eval

@@ -192,18 +192,21 @@ def grid_with_defaults(names: list[str], params: dict) -> dict[str, dict[str, li
 
 
 def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "valid", params: dict | None = None,
-                   device="cpu", segment_len: int | None = None, probe_tokens: int = 400, cache_dir=None) -> dict:
+                   device="cpu", segment_len: int | None = None, probe_tokens: int = 400, cache_dir=None,
+                   max_tokens: int | None = None) -> dict:
     """`lmadapt eval --tune`: the full `tune` grid on the longest prefix of `split` that fits
     in `minutes`. A pass is priced by timing the requested combination at its current
     settings on a short prefix (an upper bound: a tuning pass runs at most that much);
-    the prefix is then cut so that every grid pass fits. Returns tune()'s result with a
+    the prefix is then cut so that every grid pass fits (and to `max_tokens`). Returns tune()'s result with a
     `tuned_on` record, or {"fallback": reason} when not even a minimal prefix fits."""
     names = parse_combination(method)
     params = params or {}
     grids = grid_with_defaults(names, params)
     passes = sum(len(_settings(n, params.get(n, {}), grids.get(n, {}))) for n in names) + 1
     stream = corpus.split(split)
-    available = stream.numel() - 1
+    whole = available = stream.numel() - 1
+    if max_tokens is not None:
+        available = min(available, max_tokens)
     start = time.perf_counter()
     probe = min(probe_tokens, available)
     lam = {n: 0.0 for n in names if not REGISTRY[n].adapts_model}
@@ -218,7 +221,7 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
                             f"{MIN_TUNE_TOKENS} {split} tokens (about {need:.1f} min needed)"}
     best = tune(model, corpus, method, split=split, params=params, grid_overrides=grids, device=device,
                 segment_len=segment_len, max_passes=max(passes, 1), tokens=tokens, cache_dir=cache_dir)
-    best["tuned_on"] = {"split": split, "tokens": tokens, "of": available, "passes": passes,
+    best["tuned_on"] = {"split": split, "tokens": tokens, "of": whole, "passes": passes,
                         "minutes_budget": minutes, "seconds": round(time.perf_counter() - start, 1)}
     return best
 

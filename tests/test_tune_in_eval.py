@@ -96,3 +96,100 @@ def test_a_budget_too_small_falls_back_to_the_defaults_and_says_so(run, tmp_path
 def test_tune_refuses_to_score_the_split_it_tunes_on(run, capsys):
     assert _cli("eval", run, "--split", "valid", "--method", "cache", "--tune") == 2
     assert "cannot also score it" in capsys.readouterr().err
+
+
+def test_tune_on_a_text_holds_out_the_lines_it_read(run, tmp_path, monkeypatch, capsys):
+    """No valid split with --text: tuning reads at most half the text, and the lines it read
+    are not scored; the score equals evaluating the remaining lines alone with the chosen setting."""
+    rng_lines = (run.parent / "corpus" / "test.txt").read_text().splitlines()
+    doc = tmp_path / "doc.txt"
+    doc.write_text("\n".join(rng_lines * 2) + "\n")
+    read = []
+    real = tune_module.tune_in_budget
+    monkeypatch.setattr(tune_module, "tune_in_budget",
+                        lambda model, corpus, *a, **k: read.append(k["max_tokens"]) or real(model, corpus, *a, **k))
+    out = tmp_path / "tuned.json"
+    assert _cli("eval", run, "--text", doc, "--method", "cache", "--tune", "--tune-minutes", 0.25,
+                "--json", out, "--threads", 1) == 0
+    err = capsys.readouterr().err
+    assert "tuned on text[:" in err and "are not scored" in err
+    rep = json.loads(out.read_text())
+    on = rep["settings"]["tuned_on"]
+    total_lines = len(doc.read_text().splitlines())
+    assert on["split"] == "text" and on["excluded_from_score"] and 0 < on["held_out_lines"] < total_lines
+    assert read[0] == on["of"] // 2 and on["tokens"] <= read[0]  # at most half the text is tuned on
+    rest = tmp_path / "rest.txt"
+    rest.write_text("\n".join(doc.read_text().splitlines()[on["held_out_lines"]:]) + "\n")
+    again = tmp_path / "again.json"
+    assert _cli("eval", run, "--text", rest, "--config", out, "--json", again, "--threads", 1) == 0
+    rep2 = json.loads(again.read_text())
+    assert rep2["tokens"] == rep["tokens"] and rep["tokens"] + on["tokens"] <= on["of"]
+    assert rep2["methods"]["cache"]["ppl"] == pytest.approx(rep["methods"]["cache"]["ppl"], rel=1e-6)
+    assert rep2["units"] == rep["units"]  # per-word figures count only the scored lines
+
+
+def test_preset_paper_gives_the_papers_settings_and_is_recorded(run, tmp_path):
+    from lmadapt.methods import MbPA
+
+    out = tmp_path / "paper.json"
+    assert _cli("eval", run, "--split", "test", "--method", "mbpa+cache", "--preset", "paper",
+                "--json", out, "--threads", 1) == 0
+    rep = json.loads(out.read_text())
+    paper = dict(MbPA.PRESETS["paper"])
+    assert rep["lambdas"]["mbpa"] == paper.pop("lambda") and rep["lambdas"]["cache"] == NeuralCache.PRESETS["paper"]["lambda"]
+    assert {k: rep["params"]["mbpa"][k] for k in paper} == paper
+    assert rep["settings"] == {"source": "preset paper", "preset": "paper"}
+    # a flag still overrides the preset
+    out2 = tmp_path / "paper2.json"
+    assert _cli("eval", run, "--split", "test", "--method", "mbpa", "--preset", "paper", "--mbpa-k", 8,
+                "--json", out2, "--threads", 1) == 0
+    rep2 = json.loads(out2.read_text())
+    assert rep2["params"]["mbpa"]["k"] == 8 and rep2["params"]["mbpa"]["memory"] == paper["memory"]
+    assert rep2["settings"]["source"] == "preset paper+flags"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "nope"], "unknown --preset 'nope'"),
+    (["--preset", "paper", "--config", "CONFIG"], "--preset and --config"),
+    (["--tokens", "0"], "--tokens"),
+])
+def test_preset_and_tokens_refusals(run, tmp_path, capsys, args, message):
+    config = tmp_path / "c.json"
+    config.write_text('{"method": "cache"}')
+    args = [str(config) if a == "CONFIG" else a for a in args]
+    assert _cli("eval", run, "--split", "test", "--method", "cache", *args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tokens_scores_only_a_prefix(run, tmp_path):
+    out = tmp_path / "prefix.json"
+    assert _cli("eval", run, "--split", "test", "--tokens", 50, "--json", out, "--threads", 1) == 0
+    rep = json.loads(out.read_text())
+    model, _, _ = load_model(run)
+    corpus = load_corpus(json.loads((run / "config.json").read_text())["data"]["name"])
+    plain = stream_eval(model, corpus.test[:51], [], {}, corpus=corpus)
+    assert rep["tokens"] == 50 and "units" not in rep
+    assert rep["methods"]["lstm"]["ppl"] == pytest.approx(perplexity(plain.base), rel=1e-9)
+
+
+def test_tune_on_an_hf_model_uses_the_corpus_valid_split(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from lmadapt.backbones.gpt2 import word_tokenizer
+    from lmadapt.backbones.hf import HFCausalLM
+
+    corpus_dir = write_markov_corpus(tmp_path / "corpus", lines=(60, 30, 20))
+    corpus = load_corpus(str(corpus_dir))
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=len(corpus.vocab), n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                  bos_token_id=None, eos_token_id=None)
+    d = tmp_path / "m"
+    HFCausalLM(transformers.GPT2LMHeadModel(cfg), context=16, keep=5).lm.save_pretrained(d)
+    word_tokenizer(corpus.vocab).save_pretrained(d)
+    out = tmp_path / "hf.json"
+    assert _cli("eval", "--hf-model", d, "--data", corpus_dir, "--split", "test", "--method", "cache", "--tune",
+                "--tune-minutes", 0.1, "--json", out, "--threads", 1) == 0
+    rep = json.loads(out.read_text())
+    assert "tuned on valid[:" in capsys.readouterr().err
+    assert rep["settings"]["tuned_on"]["split"] == "valid" and rep["settings"]["tuned_on"]["of"] == corpus.valid.numel() - 1
+    assert rep["tokens"] == corpus.test.numel() - 1

@@ -50,6 +50,9 @@ class Method:
     name: ClassVar[str]
     Params: ClassVar[type]
     grid: ClassVar[dict[str, list]] = {}
+    # Named settings (`--preset NAME`): params, plus "lambda" for a mixture method. "paper"
+    # is the setting of the method's source paper or reference code.
+    PRESETS: ClassVar[dict[str, dict]] = {}
     needs_grad: ClassVar[bool] = False      # the loop keeps the forward graph for observe()
     adapts_model: ClassVar[bool] = False    # changes the base model instead of being mixed in
     needs_logits: ClassVar[bool] = False    # the shared memory must keep each entry's base logits

@@ -33,6 +33,7 @@ class NeuralCache(Method):
     name = "cache"
     Params = CacheParams
     grid = {"window": [500, 1000, 5000], "theta": [0.1, 0.3, 0.5, 1.0]}
+    PRESETS = {"paper": {"window": 500, "theta": 0.3, "lambda": 0.15}}
 
     def __init__(self, params=None):
         super().__init__(params)
