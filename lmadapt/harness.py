@@ -92,10 +92,10 @@ class WindowedContext(nn.Module):
     positions between regions (a document's last token, predicting the next prefix) run
     from a fresh state; positions after the last region are cut in plain windows.
 
-    The first `plain_states` states from init_state ignore the regions (plain windows from
-    position 0): they serve passes over other text made before the stream's own pass
-    (dynamic evaluation's gradient statistics over training text), which must not depend
-    on where the documents of the stream begin.
+    States of batch size > 1, and the first `plain_states` states from init_state, ignore the
+    regions (plain windows from position 0): they serve passes over other text made before
+    the stream's own pass at batch size 1 (dynamic evaluation's gradient statistics over
+    training text), which must not depend on where the documents of the stream begin.
     """
 
     train_carries_state = False
@@ -125,8 +125,9 @@ class WindowedContext(nn.Module):
 
     def init_state(self, batch_size: int, device=None) -> WindowState:
         device = device if device is not None else next(self.inner.parameters()).device
-        plain = self.plain_states > 0
-        self.plain_states -= plain
+        counted = self.plain_states > 0
+        self.plain_states -= counted
+        plain = counted or batch_size > 1  # the scored stream runs at batch size 1
         return WindowState(None, 0, torch.empty(batch_size, 0, dtype=torch.long, device=device), plain)
 
     def detach_state(self, state: WindowState) -> WindowState:
@@ -408,11 +409,14 @@ class LmadaptLM(LM):
         model = self.model
         methods = self._methods()
         if self.context_policy == "windows":
-            # dynamic evaluation's RMS statistics make one pass over training text in start()
-            before = sum(1 for m in methods if m.adapts_model and getattr(m.params, "variant", None) == "rms")
+            # Dynamic evaluation's RMS statistics pass over training text in start(); states of
+            # batch size > 1 (its default batch of 100) are plain windows, so the statistics are
+            # computed once and kept in memory for every later stream. At a statistics batch of
+            # 1 they cannot be told from the stream's own state by size: count them instead, and
+            # forget the kept statistics so that the counted pass really runs (slow, per stream).
+            before = sum(1 for m in methods if m.adapts_model and getattr(m.params, "variant", None) == "rms"
+                         and getattr(m.params, "stat_batch", 0) == 1)
             if before:
-                # The count above holds only if the statistics pass really runs: forget the
-                # statistics dyneval keeps in memory between passes (recomputed per stream).
                 from lmadapt.methods import dyneval
 
                 dyneval._RECENT.clear()

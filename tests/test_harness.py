@@ -165,6 +165,23 @@ def test_every_method_in_both_scopes_and_document_scope_resets(runs, backbone, m
         assert s[1] != pytest.approx(a[1], rel=1e-6)
 
 
+def test_dyneval_statistics_are_computed_once_per_process_not_per_document(runs, monkeypatch):
+    """Document scope restarts dyneval per document; its gradient statistics depend only on the
+    model and the training text, so they are computed once and reused (same scores)."""
+    from lmadapt.methods import dyneval
+
+    calls = []
+    real = dyneval.gradient_rms
+    monkeypatch.setattr(dyneval, "gradient_rms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    dyneval._RECENT.clear()
+    doc = make(runs, "gpt2", "dyneval", "document")
+    once = rolling(doc, runs.pages)
+    assert len(calls) == 1
+    dyneval._RECENT.clear()  # recomputed for the second document alone: the same score
+    assert rolling(make(runs, "gpt2", "dyneval", "document"), runs.pages[1:2]) == once[1:2]
+    assert len(calls) == 2
+
+
 def test_carry_context_in_stream_scope_carries_the_lstm_state(runs):
     doc = make(runs, "lstm", "none", "document", "carry")
     stream = make(runs, "lstm", "none", "stream", "carry")
