@@ -1,0 +1,126 @@
+"""The paper preset, the shipped defaults, `eval --tune` and the full grid, side by side on test.
+
+    python bench/defaults/compare.py RUN_DIR --name ptb-lstm --sweep bench/defaults/results/sweep-ptb-lstm.json \
+        --columns COLUMNS.pt --tokens 20000 --threads 1 --out bench/defaults/results/compare-ptb-lstm.json
+
+For each of cache, mbpa, dyneval and mbpa+cache, `lmadapt eval --split test --tokens N` with
+(a) `--preset paper`, (b) the defaults, (c) `--tune` at its default budget, (d) `--config` of
+the best setting of the full grid on valid (bench/defaults/sweep.py's file for this model;
+for mbpa+cache the joint best over the sweep's stored per-token columns and λ pairs, as
+`lmadapt tune` chooses). Each row: test perplexity, Δ% vs the base model, wall seconds; and
+the plain evaluation's wall time, for the `--tune` cost bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+COMBOS = ["cache", "mbpa", "dyneval", "mbpa+cache"]
+
+
+def joint_best(sweep: dict, columns: dict, names: list[str]) -> tuple[dict, dict, float]:
+    """The best (settings, λ) of a mixture from per-token columns: tune's sweep, off-line."""
+    from lmadapt.mix import mix_log_probs, perplexity
+
+    base = columns["base"]
+    pools = [[(k.split(":", 1)[1], v) for k, v in columns.items() if k.startswith(f"{n}:")] for n in names]
+    lambdas = sweep["lambdas"]
+    best = (float("inf"), None, None)
+    for picks in itertools.product(*pools):
+        comps = {n: tuple(p[1]) for n, p in zip(names, picks)}
+        for lams in itertools.product(lambdas, repeat=len(names)):
+            if sum(lams) > 1:
+                continue
+            ppl = perplexity(mix_log_probs(base, comps, dict(zip(names, lams))))
+            if ppl < best[0]:
+                best = (ppl, {n: p[0] for n, p in zip(names, picks)}, dict(zip(names, lams)))
+    return ({n: sweep["methods"][n][k]["params"] for n, k in best[1].items()}, best[2], best[0])
+
+
+def own_best(sweep: dict, name: str) -> tuple[dict, dict]:
+    rows = sweep["methods"][name]
+    row = min(rows.values(), key=lambda r: r["ppl"])
+    return {name: row["params"]}, ({name: row["best_lambda"]} if "best_lambda" in row else {})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--sweep", required=True)
+    ap.add_argument("--columns", help="the sweep's --columns file (for the mbpa+cache full-grid row)")
+    ap.add_argument("--tokens", type=int, default=20000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--combos", default=",".join(COMBOS))
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    import torch
+
+    from lmadapt.cli import main as lmadapt
+
+    sweep = json.loads(Path(args.sweep).read_text())
+    columns = torch.load(args.columns, weights_only=True) if args.columns else None
+    out = Path(args.out)
+    report = json.loads(out.read_text()) if out.is_file() else {}
+    report.update({"model": args.name, "run_dir": str(Path(args.run_dir).resolve()), "split": "test",
+                   "tokens": args.tokens, "threads": args.threads, "command": " ".join(sys.argv)})
+    rows = report.setdefault("rows", {})
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
+    tmp = Path(tempfile.mkdtemp())
+
+    def run(label: str, extra: list[str]) -> dict:
+        js = tmp / f"{label.replace('+', '_').replace(' ', '_')}.json"
+        t0 = time.perf_counter()
+        code = lmadapt(["eval", args.run_dir, "--split", "test", "--tokens", str(args.tokens), "--threads",
+                        str(args.threads), "--json", str(js), "--overwrite", *extra])
+        wall = time.perf_counter() - t0
+        if code != 0:
+            raise SystemExit(f"{label}: lmadapt eval exited {code}")
+        return {"report": json.loads(js.read_text()), "wall_seconds": wall}
+
+    if "plain" not in report:
+        r = run("plain", [])
+        report["plain"] = {"ppl": r["report"]["methods"]["lstm"]["ppl"], "wall_seconds": r["wall_seconds"]}
+        save()
+    for combo in args.combos.split(","):
+        names = combo.split("+")
+        variants = {"paper": ["--preset", "paper"], "defaults": [], "tune": ["--tune"]}
+        if len(names) == 1:
+            params, lambdas = own_best(sweep, combo)
+        elif columns is not None:
+            params, lambdas, valid_ppl = joint_best(sweep, columns, names)
+            report.setdefault("joint_valid_ppl", {})[combo] = valid_ppl
+        else:
+            params = None
+        if params is not None:
+            cfg = tmp / f"{combo}-grid.json"
+            cfg.write_text(json.dumps({"method": combo, "params": params, "lambdas": lambdas}))
+            variants["grid"] = ["--config", str(cfg)]
+        for variant, extra in variants.items():
+            label = f"{combo} {variant}"
+            if label in rows:
+                continue
+            r = run(label, ["--method", combo, *extra] if variant != "grid" else extra)
+            e = r["report"]["methods"][combo]
+            rows[label] = {"combo": combo, "variant": variant, "ppl": e["ppl"],
+                           "delta_percent": e["delta_vs_lstm_percent"], "wall_seconds": r["wall_seconds"],
+                           "params": r["report"].get("params"), "lambdas": r["report"].get("lambdas"),
+                           "settings": r["report"].get("settings")}
+            print(f"{args.name} {label}: {e['ppl']:.2f} ({e['delta_vs_lstm_percent']:+.2f}%) "
+                  f"{r['wall_seconds']:.0f} s", flush=True)
+            save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
