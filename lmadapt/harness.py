@@ -387,6 +387,11 @@ class LmadaptLM(LM):
                 tokens, first = [self.encoder.prefix] + self.encoder.encode(continuation), 1
             if first < 1:  # a context that encodes to nothing: start with the prefix token
                 tokens, first = [self.encoder.prefix] + tokens, first + 1
+            if self.context_policy == "windows" and len(tokens) > self.max_length + 1:
+                # lm-eval's hf model scores a request in one window: the last max_length inputs
+                # (context cut from the left), so a continuation never straddles two windows
+                cut = len(tokens) - (self.max_length + 1)
+                tokens, first = tokens[cut:], max(first - cut, 1)
             pieces.append((tokens, first))
         return self.score_pieces(pieces)
 

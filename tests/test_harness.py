@@ -117,7 +117,10 @@ def test_loglikelihood_matches_lm_evals_hf_model(runs):
     words = runs.pages[1].split()
     reqs = [SimpleNamespace(args=(" ".join(words[:5]), " " + " ".join(words[5:9]))),
             SimpleNamespace(args=("", " ".join(words[:3]))),
-            SimpleNamespace(args=(" ".join(words[:30]), " " + words[30]))]  # context longer than the window
+            SimpleNamespace(args=(" ".join(words[:30]), " " + words[30])),  # context longer than the window
+            # a continuation that crosses the window's end: lm-eval's hf model scores it in one
+            # window of the last max_length tokens; so must the windows policy
+            SimpleNamespace(args=(" ".join(words[:12]), " " + " ".join(words[12:21])))]
     stock = HFLM(pretrained=str(runs.hf), device="cpu", batch_size=1).loglikelihood(reqs, disable_tqdm=True)
     ours = LmadaptLM(hf_model=str(runs.hf)).loglikelihood(reqs)
     for (a, ga), (b, gb) in zip(ours, stock):
