@@ -110,6 +110,10 @@ class WindowedContext(nn.Module):
         self.plain_states = plain_states
 
     @property
+    def arch(self) -> str:
+        return self.inner.arch
+
+    @property
     def feature_size(self) -> int:
         return self.inner.feature_size
 
@@ -314,8 +318,8 @@ class LmadaptLM(LM):
                     return torch.tensor(encoder.encode("\n".join(lines) + "\n"), dtype=torch.long)
         else:
             from lmadapt import runs
+            from lmadapt.checkpoint import load_model
             from lmadapt.corpus import Vocab, load_corpus
-            from lmadapt.train import load_model
 
             run_dir = runs.require_run_dir(run)
             model, cfg, _ = load_model(run_dir, self.device_name)
@@ -403,13 +407,15 @@ class LmadaptLM(LM):
 
     def _stream(self, tokens: list[int], regions: list[tuple[int, int]]):
         """(mixed log p, base greedy hits) of every target of one stream, through stream_eval."""
+        from lmadapt.methods import ModelAdapter
         from lmadapt.stream import stream_eval
 
         model = self.model
         methods = self._methods()
         if self.context_policy == "windows":
             # dynamic evaluation's RMS statistics make one pass over training text in start()
-            before = sum(1 for m in methods if m.adapts_model and getattr(m.params, "variant", None) == "rms")
+            before = sum(1 for m in methods
+                         if isinstance(m, ModelAdapter) and getattr(m.params, "variant", None) == "rms")
             if before:
                 # The count above holds only if the statistics pass really runs: forget the
                 # statistics dyneval keeps in memory between passes (recomputed per stream).
@@ -471,6 +477,7 @@ class _GreedyRecorder(nn.Module):
         self.inner = inner
         self.sink = sink
 
+    arch = property(lambda self: self.inner.arch)
     feature_size = property(lambda self: self.inner.feature_size)
     vocab_size = property(lambda self: self.inner.vocab_size)
 

@@ -13,7 +13,8 @@ from lmadapt.corpus import load_corpus
 from lmadapt.methods import NeuralCache
 from lmadapt.mix import perplexity
 from lmadapt.stream import stream_eval
-from lmadapt.train import fit, load_model
+from lmadapt.checkpoint import load_model
+from lmadapt.train import fit
 
 from conftest import tiny_config, write_markov_corpus
 

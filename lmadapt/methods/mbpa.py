@@ -35,7 +35,7 @@ import torch
 
 from lmadapt.adapt import KERNELS, LinearMbPA, functional_mbpa, kernel_weights
 from lmadapt.errors import LmadaptError
-from lmadapt.methods.base import Method, Segment
+from lmadapt.methods.base import MixtureMethod, Segment
 from lmadapt.methods.mbpa_source import SOURCES, mbpa_log_probs
 from lmadapt.params import NON_NEGATIVE, POSITIVE, at_least
 
@@ -68,9 +68,10 @@ _STORE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _SEGMENT = 512
 
 
-class MbPA(Method):
+class MbPA(MixtureMethod):
     name = "mbpa"
     Params = MbPAParams
+    default_lambda = 0.1  # the paper's best PTB setting (App. B)
     # The paper's App. B grid.
     grid = {"memory": [500, 1000, 5000], "k": [256, 512], "steps": [1, 5, 10],
             "alpha": [0.01, 0.1, 0.15, 0.2, 0.5, 1.0]}
