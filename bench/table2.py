@@ -118,7 +118,7 @@ def main() -> int:
         for key in ("cache", "mbpa", "mbpa+cache"):
             if key in best["subsets"]:
                 tuned[key] = best["subsets"][key]
-        print(f"[{time.time() - t0:.0f}s] tuned mbpa+cache: {best['ppl']:.2f} (lstm {best['lstm_ppl']:.2f})", flush=True)
+        print(f"[{time.time() - t0:.0f}s] tuned mbpa+cache: {best['ppl']:.2f} (lstm {best['base_ppl']:.2f})", flush=True)
     if wanted & {"dyneval", "dyneval+cache"}:
         best = tune(model, tune_corpus, "dyneval+cache",
                     grid_overrides={"dyneval": grid["dyneval"], "cache": {k: v[:1] if k == "window" else v

@@ -221,7 +221,7 @@ def _method_flags(parser) -> None:
     """--NAME-FIELD for every registered method's hyper-parameters, --lambda-NAME for mixtures."""
     import dataclasses
 
-    from lmadapt.methods import REGISTRY
+    from lmadapt.methods import REGISTRY, MixtureMethod
 
     for name, cls in REGISTRY.items():
         group = parser.add_argument_group(f"{name} settings")
@@ -231,9 +231,9 @@ def _method_flags(parser) -> None:
             switch = {"nargs": "?", "const": "true"} if isinstance(default, bool) else {}
             group.add_argument(f"--{name}-{f.name.replace('_', '-')}", dest=f"m__{name}__{f.name}", default=None,
                                metavar=type(default).__name__.upper(), help=f"default {default}", **switch)
-        if not cls.adapts_model:
+        if issubclass(cls, MixtureMethod):
             group.add_argument(f"--lambda-{name}", dest=f"lambda__{name}", type=arg(float, PROBABILITY),
-                               default=None, help="mixture weight in [0, 1]")
+                               default=None, help=f"mixture weight in [0, 1] (default {cls.default_lambda})")
 
 
 def _read_settings(path: str) -> dict:
@@ -257,11 +257,11 @@ def _read_settings(path: str) -> dict:
 
 def _method_settings(args, config: dict) -> tuple[str, dict, dict]:
     """Method, per-method params and lambdas: --config file first, explicit flags over it."""
-    from lmadapt.methods import REGISTRY
+    from lmadapt.methods import BASE, REGISTRY
 
     if args.method is not None and not args.method.strip():
         raise LmadaptError("empty --method")
-    method = args.method or config.get("method") or "lstm"
+    method = args.method or config.get("method") or BASE
     params = {k: dict(v) for k, v in config.get("params", {}).items()}
     lambdas = {k: float(v) for k, v in config.get("lambdas", {}).items()}
     preset = getattr(args, "preset", None)
@@ -320,18 +320,26 @@ def _outputs_lock(paths: list[Path | None]):
     return stack
 
 
-def _check_datastore(run_dir, names: list[str], params: dict, model, corpus, split: str) -> None:
+def _check_datastore(run_dir, names: list[str], params: dict, model, corpus, split: str,
+                     checkpoint: str | None = None) -> None:
     """Before the long pass: kNN needs a datastore of this model, built from another split."""
     from lmadapt.datastore import open_datastore
 
+    paths = []
     if "knn" in names:
         path = params.get("knn", {}).get("datastore")
         if not path:
             raise LmadaptError("--method knn needs --datastore DIR (build one with `lmadapt datastore build`)")
-        open_datastore(path).check_for_eval(run_dir, corpus.split(split), split, model)
+        paths.append(path)
     mbpa = params.get("mbpa", {})
     if "mbpa" in names and mbpa.get("source", "stream") != "stream" and mbpa.get("datastore"):
-        open_datastore(mbpa["datastore"]).check_for_eval(run_dir, corpus.split(split), split, model)
+        paths.append(mbpa["datastore"])
+    if paths and checkpoint not in (None, "best"):
+        # Its keys are the hidden states of model.pt's weights: other weights would search them with other ones.
+        raise LmadaptError(f"a datastore holds the hidden states of the run's best weights ({runs.BEST}); "
+                           f"it cannot serve --checkpoint {checkpoint}")
+    for path in paths:
+        open_datastore(path).check_for_eval(run_dir, corpus.split(split), split, model)
 
 
 
@@ -362,14 +370,17 @@ def cmd_eval(args) -> int:
         model, corpus, split = load_eval_inputs(args.run_dir, hf_model=args.hf_model, text=args.text,
                                                 data=args.data, data_dir=args.data_dir, split=args.split,
                                                 context=args.context, keep=args.context_keep, device=device,
+                                                checkpoint=args.checkpoint,
                                                 extra_splits=("valid",) if args.tune and not args.text else ())
-        _check_datastore(args.run_dir, names, params, model, corpus, split)
+        _check_datastore(args.run_dir, names, params, model, corpus, split, args.checkpoint)
         settings = _settings_record(args, names)
         if args.tune:
             params, lambdas, corpus = _tune_for_eval(args, model, corpus, split, method, params, device, settings)
         report, tokens = evaluate_run(model, corpus, split, method, params, lambdas, device=device,
                                       segment_len=args.segment, cache_dir=args.run_dir, limit=args.tokens)
         report["run_dir"] = str(args.run_dir or args.hf_model)
+        if args.run_dir:
+            report["checkpoint"] = args.checkpoint or "best"
         if names:
             from lmadapt.methods import combination_name
 
@@ -428,7 +439,7 @@ def _tune_for_eval(args, model, corpus, split, method, params, device, settings)
         on = {**on, "held_out_lines": held["lines"], "of_lines": held["of_lines"], "excluded_from_score": True}
         print(f"the first {held['lines']:,} of {held['of_lines']:,} lines of {args.text} were used for tuning "
               f"and are not scored", file=sys.stderr)
-    settings.update(source="tune", tuned_on=on, tune_valid_ppl=result["ppl"], tune_lstm_ppl=result["lstm_ppl"])
+    settings.update(source="tune", tuned_on=on, tune_valid_ppl=result["ppl"], tune_base_ppl=result["base_ppl"])
     return result["params"], result["lambdas"], corpus
 
 
@@ -447,14 +458,17 @@ def cmd_tune(args) -> int:
     with _outputs_lock([out]):
         model, corpus, split = load_eval_inputs(args.run_dir, hf_model=args.hf_model, text=args.text,
                                                 data=args.data, data_dir=args.data_dir, split=args.split,
-                                                context=args.context, keep=args.context_keep, device=device)
-        _check_datastore(args.run_dir, names, params, model, corpus, split)
+                                                context=args.context, keep=args.context_keep, device=device,
+                                                checkpoint=args.checkpoint)
+        _check_datastore(args.run_dir, names, params, model, corpus, split, args.checkpoint)
         best = tune(model, corpus, method, split=split, params=params, grid_overrides=grids,
                     lambda_grid=lambda_grid, device=device, segment_len=args.segment, max_passes=args.max_passes,
                     cache_dir=args.run_dir)
         best["run_dir"] = str(args.run_dir or args.hf_model)
-        print(f"{best['method']} on {best['split']}: ppl {best['ppl']:.2f} (lstm {best['lstm_ppl']:.2f}, "
-              f"{best['delta_vs_lstm_percent']:+.1f}%) after {best['passes']} passes")
+        if args.run_dir:
+            best["checkpoint"] = args.checkpoint or "best"
+        print(f"{best['method']} on {best['split']}: ppl {best['ppl']:.2f} (base ({best['backbone']}): "
+              f"{best['base_ppl']:.2f}, {best['delta_vs_base_percent']:+.1f}%) after {best['passes']} passes")
         print(f"params {json.dumps(best['params'])}  lambdas {json.dumps(best['lambdas'])}")
         runs.save_output(out, lambda p: runs.write_json(p, best),
                          rescue_dir=Path(args.run_dir) if args.run_dir else None)
@@ -570,6 +584,9 @@ def _source_flags(p) -> None:
                    help="Transformer context window in tokens (default: the model's maximum)")
     p.add_argument("--context-keep", type=arg(int, at_least(1)),
                    help="tokens kept when the window fills (default: half the window)")
+    p.add_argument("--checkpoint", metavar="best|last|PATH",
+                   help="the run's weights: best (model.pt, default), last (last.pt: where training stopped) "
+                        "or a checkpoint file of this run's model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -595,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="corpus (default: the one the run was trained on)")
     p.add_argument("--data-dir", help="directory holding named corpora")
     p.add_argument("--split", default="valid", choices=["valid", "test", "train"])
-    p.add_argument("--method", help="lstm, cache, mbpa, dyneval or a '+' combination such as mbpa+cache")
+    p.add_argument("--method", help="base (the model alone; also: lstm), cache, mbpa, knn, dyneval or a '+' "
+                                    "combination such as mbpa+cache")
     p.add_argument("--config", help="JSON with method, params and lambdas (e.g. from `lmadapt tune`)")
     p.add_argument("--preset", help="named settings instead of the defaults: paper (each method's source paper)")
     p.add_argument("--tokens", type=arg(int, at_least(1)), default=None,
@@ -634,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="per-frequency-bucket perplexity from an eval --save-tokens file")
     p.add_argument("tokens_file")
-    p.add_argument("--baseline", default="lstm+cache")
+    p.add_argument("--baseline", default="base+cache")
     p.add_argument("--method", default="mbpa+cache")
     p.add_argument("--buckets", type=arg(int, at_least(1)), default=5)
     p.add_argument("--method-tokens", help="take --method from this second tokens file (another run, same split)")

@@ -177,6 +177,14 @@ class Corpus:
         return {s: hashlib.sha256(self.split(s).to(torch.int64).numpy().tobytes()).hexdigest() for s in SPLITS}
 
 
+def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """1-D stream -> (batch_size, n) columns of contiguous text; the ragged tail is dropped."""
+    n = data.numel() // batch_size
+    if n < 2:
+        raise LmadaptError(f"corpus split of {data.numel()} tokens is too short for batch size {batch_size}")
+    return data[: n * batch_size].view(batch_size, n)
+
+
 # --------------------------------------------------------------------------- reading text
 
 

@@ -379,7 +379,7 @@ def build(run_dir, out, *, model, corpus, split: str = "train", index: str = "au
             log(f"  reusing {len(mine) - len(todo)} finished parts")
         done_now = 0
         with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"embed {split}", unit="part",
-                  disable=not (dist.main and _progress())) as bar:
+                  disable=not (dist.main and runs.progress_enabled())) as bar:
             for i in todo:
                 keys, values = embed_part(model, stream, i, device, layout)
                 kp, vp = _part_paths(out, i)
@@ -432,12 +432,6 @@ def _plan(out, settings, spec, parts, need, est, rate, corpus_name, split, index
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     runs.write_json(build_path, settings)
 
-def _progress() -> bool:
-    from lmadapt.train import progress_enabled
-
-    return progress_enabled()
-
-
 def _finish(out: Path, settings: dict, spec: IndexSpec, n: int, d: int, total: int, log) -> dict:
     """Rank 0: concatenate the parts into keys.npy/values.npy, train and fill the index."""
     import faiss
@@ -472,7 +466,7 @@ def _finish(out: Path, settings: dict, spec: IndexSpec, n: int, d: int, total: i
         rng = np.random.default_rng(SEED)
         sample = np.sort(rng.choice(n, size=spec.train_points(n), replace=False))
         xt = np.ascontiguousarray(keys[sample], dtype=np.float32)
-        with tqdm(total=2, desc="train index", unit="stage", disable=not _progress()) as bar:
+        with tqdm(total=2, desc="train index", unit="stage", disable=not runs.progress_enabled()) as bar:
             # Coarse centroids first, so the bar can show the two stages; IndexIVFPQ.train()
             # then skips the (already trained, full) quantizer and fits the PQ on residuals.
             km = faiss.Kmeans(d, spec.nlist, niter=20, seed=SEED + 1, max_points_per_centroid=256)
@@ -487,7 +481,7 @@ def _finish(out: Path, settings: dict, spec: IndexSpec, n: int, d: int, total: i
         del xt
         seconds["train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for s in tqdm(range(0, n, ADD_BATCH), desc="add to index", unit="batch", disable=not _progress()):
+        for s in tqdm(range(0, n, ADD_BATCH), desc="add to index", unit="batch", disable=not runs.progress_enabled()):
             index.add(np.ascontiguousarray(keys[s:s + ADD_BATCH], dtype=np.float32))
         seconds["add"] = time.perf_counter() - t0
         _atomic_path(out / INDEX, lambda tmp: faiss.write_index(index, str(tmp)))

@@ -1,5 +1,9 @@
-"""`lmadapt eval`: load a run, run the streaming loop for `lstm` and the requested
-combination, and report perplexities, speed and per-token log-probabilities."""
+"""`lmadapt eval`: load a run, run the streaming loop for the base model and the requested
+combination, and report perplexities, speed and per-token log-probabilities.
+
+The base model's row is named `base` (lmadapt.methods.BASE) whatever the backbone; the
+report's `backbone` says which it is (lstm, gpt2, or a --hf-model's model type).
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,17 @@ import torch
 
 from lmadapt import runs
 from lmadapt.errors import LmadaptError
-from lmadapt.methods import BASE, REGISTRY, Method, combination_name, parse_combination
+from lmadapt.methods import BASE, REGISTRY, Method, adapter_names, combination_name, mixture_names, parse_combination
 from lmadapt.mix import check_lambdas, mix_log_probs, perplexity
 from lmadapt.params import check_number, to_float, to_int
 from lmadapt.stream import StreamResult, stream_eval
 
-DEFAULT_LAMBDAS = {"cache": 0.15, "mbpa": 0.1,  # the MbPA paper's best PTB setting (App. B)
-                   "knn": 0.25}  # kNN-LM's WikiText-103 setting
 TOKENS_FORMAT = "lmadapt-tokens"
+# 2: the base model's column is "base" (1: "lstm"), the adapted base of a pass with a model
+# adapter is the method column of the adapters alone (e.g. "dyneval"), and "pass" names the
+# combination whose components are recorded. Version 1 files are read as version 2.
+TOKENS_VERSION = 2
+_V1_BASE = "lstm"
 
 
 def coerce_param(method: str, name: str, value, default):
@@ -55,19 +62,22 @@ def build_methods(names: list[str], params: dict[str, dict]) -> list[Method]:
 
 
 def mixture_lambdas(names: list[str], lambdas: dict[str, float]) -> dict[str, float]:
-    out = {n: float(lambdas.get(n, DEFAULT_LAMBDAS.get(n, 0.1))) for n in names if not REGISTRY[n].adapts_model}
+    """λ of each mixture method of `names`: the given one, else the method's default_lambda."""
+    out = {n: float(lambdas.get(n, REGISTRY[n].default_lambda)) for n in mixture_names(names)}
     check_lambdas(out)
     return out
 
 
-def load_for_eval(run_dir, data: str | None = None, data_dir: str | None = None, device="cpu"):
-    """Model, corpus (encoded with the run's vocabulary) and config of a trained run."""
+def load_for_eval(run_dir, data: str | None = None, data_dir: str | None = None, device="cpu",
+                  checkpoint: str = "best"):
+    """Model (the weights of `checkpoint`: lmadapt.checkpoint), corpus (encoded with the
+    run's vocabulary) and config of a trained run."""
+    from lmadapt.checkpoint import load_model
     from lmadapt.corpus import Vocab, load_corpus
-    from lmadapt.train import load_model
 
     run_dir = runs.require_run_dir(run_dir)
-    model, cfg, meta = load_model(run_dir, device)
-    if (run_dir / runs.LAST).is_file() and not (run_dir / runs.RESULTS).is_file():  # training stopped or running
+    model, cfg, meta = load_model(run_dir, device, checkpoint)
+    if checkpoint == "best" and (run_dir / runs.LAST).is_file() and not (run_dir / runs.RESULTS).is_file():
         runs.warn(f"{run_dir} is unfinished (no {runs.RESULTS}): evaluating its best weights so far")
     vocab = Vocab.from_dict(runs.read_json(run_dir / runs.VOCAB))
     spm = (run_dir / runs.SPM).read_bytes() if (run_dir / runs.SPM).is_file() else None
@@ -91,11 +101,16 @@ def _entry(result: StreamResult, log_probs) -> dict:
             "seconds": result.seconds}
 
 
-def tokens_record(split: str, baseline: StreamResult, corpus, lambdas: dict[str, float]) -> dict:
-    """An empty per-token record (the --save-tokens format) holding the base model's column."""
-    return {"format": TOKENS_FORMAT, "version": 1, "split": split, "targets": baseline.targets,
-            "train_counts": corpus.train_counts(), "columns": {BASE: baseline.base}, "lambdas": lambdas,
-            "methods": {BASE: baseline.base}}
+def tokens_record(split: str, baseline: StreamResult, corpus, lambdas: dict[str, float],
+                  backbone: str | None = None) -> dict:
+    """A per-token record (the --save-tokens format) holding the base model's column.
+
+    methods: combination -> log p(target) of each token; columns: each mixture component
+    of the pass named by "pass" (log p and availability), mixed with the λ in "lambdas"
+    on top of methods[the pass's model adapters alone] ("base" when it has none)."""
+    return {"format": TOKENS_FORMAT, "version": TOKENS_VERSION, "split": split, "backbone": backbone,
+            "pass": BASE, "targets": baseline.targets, "train_counts": corpus.train_counts(), "columns": {},
+            "lambdas": lambdas, "methods": {BASE: baseline.base}}
 
 
 def evaluate_run(model, corpus, split: str, method: str, params: dict[str, dict] | None = None,
@@ -112,24 +127,29 @@ def evaluate_run(model, corpus, split: str, method: str, params: dict[str, dict]
         stream = stream[:limit + 1]
     if baseline is None:
         baseline = stream_eval(model, stream, [], {}, corpus=corpus, device=device, segment_len=segment_len,
-                               desc=f"{split} lstm")
+                               desc=f"{split} {BASE}")
     combo = combination_name(names)
-    report = {"split": split, "tokens": baseline.tokens, "methods": {BASE: _entry(baseline, baseline.base)}}
-    tokens = tokens_record(split, baseline, corpus, lam)
+    backbone = model.arch
+    report = {"split": split, "tokens": baseline.tokens, "backbone": backbone,
+              "methods": {BASE: _entry(baseline, baseline.base)}}
+    tokens = tokens_record(split, baseline, corpus, lam, backbone)
     if names:
         result = stream_eval(model, stream, methods, lam, corpus=corpus, device=device, segment_len=segment_len,
                              memory_index=memory_index, desc=f"{split} {combo}", cache_dir=cache_dir)
         entry = _entry(result, result.mixed)
-        entry["delta_vs_lstm_percent"] = 100 * (entry["ppl"] / report["methods"][BASE]["ppl"] - 1)
+        entry["delta_vs_base_percent"] = 100 * (entry["ppl"] / report["methods"][BASE]["ppl"] - 1)
         entry["params"] = {m.name: dataclasses.asdict(m.params) for m in methods}
         entry["lambdas"] = lam
         report["methods"][combo] = entry
+        tokens["pass"] = combo
         tokens["methods"][combo] = result.mixed
-        tokens["columns"]["base"] = result.base  # differs from lstm under dynamic evaluation
+        adapters = adapter_names(names)
+        if adapters:  # the adapted model's own predictions: the adapters alone (mixtures never move the model)
+            tokens["methods"][combination_name(adapters)] = result.base
         for name, (log_p, available) in result.components.items():
             tokens["columns"][name] = log_p
             tokens["columns"][f"{name}.available"] = available
-        # Every smaller mixture is free from the same pass (same λ), e.g. lstm+cache beside mbpa+cache.
+        # Every smaller mixture is free from the same pass (same λ), e.g. base+cache beside mbpa+cache.
         mixers = [n for n in names if n in lam]
         derived = {}
         for drop in mixers:
@@ -154,14 +174,15 @@ def evaluate_run(model, corpus, split: str, method: str, params: dict[str, dict]
 
 
 def format_table(report: dict) -> str:
-    rows = [("method", "ppl", "Δ vs lstm", "tokens/s")]
+    rows = [("method", "ppl", f"Δ vs {BASE}", "tokens/s")]
     units = "units" in report
     if units:
         rows[0] += ("word ppl", "bits/byte")
     base = report["methods"][BASE]["ppl"]
     for name, e in report["methods"].items():
         delta = "—" if name == BASE else f"{100 * (e['ppl'] / base - 1):+.1f}%"
-        rows.append((name, f"{e['ppl']:.2f}", delta, f"{e['tokens_per_second']:.0f}"))
+        label = f"{BASE} ({report['backbone']})" if name == BASE and report.get("backbone") else name
+        rows.append((label, f"{e['ppl']:.2f}", delta, f"{e['tokens_per_second']:.0f}"))
         if units:
             rows[-1] += (f"{e['word_ppl']:.2f}", f"{e['bits_per_byte']:.4f}")
     for name, ppl in report.get("mixtures_from_same_pass", {}).items():
@@ -178,14 +199,43 @@ def save_tokens(path: Path, tokens: dict) -> None:
     runs.save_tensors(path, tokens)
 
 
+def _upgrade_v1(data: dict) -> None:
+    """A version 1 record read as version 2: its base column was "lstm", and its "base" column
+    held the pass's base (the adapted model's under a model adapter)."""
+    columns, methods = dict(data["columns"]), dict(data["methods"])
+    plain = methods.pop(_V1_BASE)
+    pass_base = columns.pop(BASE, plain)
+    columns.pop(_V1_BASE, None)
+    methods = {BASE: plain, **methods}
+    # One pass per file: the largest combination recorded (bench/table2.py adds its sub-mixtures).
+    combos = [parse_combination(k) for k in methods if k != BASE]
+    names = max(combos, key=len, default=[])
+    adapters = adapter_names(names)
+    if adapters:
+        methods.setdefault(combination_name(adapters), pass_base)
+    data.update(version=TOKENS_VERSION, backbone=None, columns=columns, methods=methods)
+    data["pass"] = combination_name(names)
+
+
 def load_tokens(path) -> dict:
     data = runs.load_tensors(path)
     if not isinstance(data, dict) or data.get("format") != TOKENS_FORMAT:
         raise LmadaptError(f"{path} is not an lmadapt tokens file (written by `lmadapt eval --save-tokens`)")
+    if data.get("version") not in (1, TOKENS_VERSION):
+        raise LmadaptError(f"{path} is an lmadapt tokens file of version {data.get('version')!r}; this lmadapt "
+                           f"reads versions 1 to {TOKENS_VERSION}")
     kinds = {"targets": torch.Tensor, "train_counts": torch.Tensor, "columns": dict, "methods": dict, "lambdas": dict}
+    if data["version"] == TOKENS_VERSION:
+        kinds["pass"] = str
     for key, kind in kinds.items():
         if not isinstance(data.get(key), kind):
             raise LmadaptError(f"{path} is a damaged lmadapt tokens file: {key!r} is missing or of the wrong type")
+    if data["version"] == 1:
+        if _V1_BASE not in data["methods"]:
+            raise LmadaptError(f"{path} is a damaged lmadapt tokens file: no {_V1_BASE!r} column")
+        _upgrade_v1(data)
+    elif BASE not in data["methods"]:
+        raise LmadaptError(f"{path} is a damaged lmadapt tokens file: no {BASE!r} column")
     n = data["targets"].numel()
     for name, column in [*data["columns"].items(), *data["methods"].items()]:
         if not isinstance(column, torch.Tensor) or column.numel() != n:

@@ -110,6 +110,10 @@ class WindowedContext(nn.Module):
         self.plain_states = plain_states
 
     @property
+    def arch(self) -> str:
+        return self.inner.arch
+
+    @property
     def feature_size(self) -> int:
         return self.inner.feature_size
 
@@ -315,8 +319,8 @@ class LmadaptLM(LM):
                     return torch.tensor(encoder.encode("\n".join(lines) + "\n"), dtype=torch.long)
         else:
             from lmadapt import runs
+            from lmadapt.checkpoint import load_model
             from lmadapt.corpus import Vocab, load_corpus
-            from lmadapt.train import load_model
 
             run_dir = runs.require_run_dir(run)
             model, cfg, _ = load_model(run_dir, self.device_name)
@@ -409,6 +413,7 @@ class LmadaptLM(LM):
 
     def _stream(self, tokens: list[int], regions: list[tuple[int, int]]):
         """(mixed log p, base greedy hits) of every target of one stream, through stream_eval."""
+        from lmadapt.methods import ModelAdapter
         from lmadapt.stream import stream_eval
 
         model = self.model
@@ -419,7 +424,7 @@ class LmadaptLM(LM):
             # computed once and kept in memory for every later stream. At a statistics batch of
             # 1 they cannot be told from the stream's own state by size: count them instead, and
             # forget the kept statistics so that the counted pass really runs (slow, per stream).
-            before = sum(1 for m in methods if m.adapts_model and getattr(m.params, "variant", None) == "rms"
+            before = sum(1 for m in methods if isinstance(m, ModelAdapter) and getattr(m.params, "variant", None) == "rms"
                          and getattr(m.params, "stat_batch", 0) == 1)
             if before:
                 from lmadapt.methods import dyneval
@@ -480,6 +485,7 @@ class _GreedyRecorder(nn.Module):
         self.inner = inner
         self.sink = sink
 
+    arch = property(lambda self: self.inner.arch)
     feature_size = property(lambda self: self.inner.feature_size)
     vocab_size = property(lambda self: self.inner.vocab_size)
 

@@ -1,4 +1,4 @@
-"""λ mixtures: p = (1 − Σ λ_i a_i) p_lstm + Σ λ_i a_i p_i, in log space.
+"""λ mixtures: p = (1 − Σ λ_i a_i) p_base + Σ λ_i a_i p_i, in log space.
 
 a_i is 1 where method i is available for the token (0 e.g. for a cache with
 an empty memory: its λ mass goes back to the base model). Everything works
@@ -23,8 +23,8 @@ def check_lambdas(lambdas: dict[str, float]) -> None:
 
 
 def mix_log_probs(base: Tensor, components: dict[str, tuple[Tensor, Tensor]], lambdas: dict[str, float]) -> Tensor:
-    """Per-token log p of the mixture. base: (n,) log p_lstm(target); components:
-    name -> ((n,) log p_i(target), (n,) bool available)."""
+    """Per-token log p of the mixture. base: (n,) log p_base(target) (the adapted model's under
+    dyneval); components: name -> ((n,) log p_i(target), (n,) bool available)."""
     if not components:
         return base
     terms, used = [], torch.zeros_like(base)

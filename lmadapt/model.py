@@ -80,6 +80,7 @@ class LSTMLM(nn.Module):
     """The LSTM backbone (lmadapt.backbones.base.Backbone): the state is one (h, c) pair per layer."""
 
     train_carries_state = True      # truncated BPTT carries the state across training batches
+    arch = "lstm"
 
     def __init__(self, config: LMConfig):
         super().__init__()

@@ -16,33 +16,37 @@ import torch
 
 from lmadapt import runs
 from lmadapt.errors import LmadaptError
-from lmadapt.methods import BASE, REGISTRY, combination_name, parse_combination
+from lmadapt.methods import adapter_names, combination_name, mixture_names, parse_combination
 from lmadapt.mix import mix_log_probs
 
 BOOTSTRAP = 200
 
 
 def method_log_probs(tokens: dict, method: str) -> torch.Tensor:
-    """Per-token log p of a combination, rebuilt from a tokens file's columns.
+    """Per-token log p of a combination, rebuilt from a tokens file (lmadapt.evaluate.load_tokens).
 
-    'lstm+cache' and 'cache' name the same mixture. A mixture of components
-    that were recorded in the same pass is rebuilt with that pass's λ.
+    'base+cache' and 'cache' name the same mixture. A mixture of components recorded in
+    the file's pass is rebuilt with that pass's λ, on top of the model they were computed
+    with: the base model, or the adapted one when the pass had a model adapter (so from a
+    dyneval+mbpa+cache pass, dyneval+cache can be rebuilt but cache alone cannot).
     """
-    names = parse_combination(method.replace(f"{BASE}+", "")) if method != BASE else []
+    names = parse_combination(method)
     key = combination_name(names)
     if key in tokens["methods"]:
         return tokens["methods"][key]
-    if not names:
-        return tokens["methods"][BASE]
+    recorded = ", ".join(tokens["methods"])
+    adapters = combination_name(adapter_names(names))
+    pass_adapters = combination_name(adapter_names(parse_combination(tokens["pass"])))
+    if adapters != pass_adapters or adapters not in tokens["methods"]:
+        raise LmadaptError(f"{method!r} is not in this tokens file (recorded: {recorded}; components of "
+                           f"{tokens['pass']})")
     cols = tokens["columns"]
-    if any(REGISTRY[n].adapts_model for n in names):
-        raise LmadaptError(f"{method!r} is not in this tokens file (recorded: {', '.join(tokens['methods'])})")
-    missing = [n for n in names if n not in cols]
+    missing = [n for n in mixture_names(names) if n not in cols]
     if missing:
         raise LmadaptError(f"{method!r} needs the {missing[0]} column, which this tokens file lacks "
-                           f"(recorded: {', '.join(tokens['methods'])})")
-    comps = {n: (cols[n], cols[f"{n}.available"]) for n in names}
-    return mix_log_probs(cols.get("base", cols[BASE]), comps, tokens["lambdas"])
+                           f"(recorded: {recorded})")
+    comps = {n: (cols[n], cols[f"{n}.available"]) for n in mixture_names(names)}
+    return mix_log_probs(tokens["methods"][adapters], comps, tokens["lambdas"])
 
 
 def frequency_buckets(targets: torch.Tensor, train_counts: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -97,7 +101,8 @@ def bucket_report(tokens: dict, baseline: str, method: str, buckets: int = 5, se
                      "improvement_percent": 100 * (1 - ppl_m / ppl_b), "improvement_sd": float(boot.std())})
     overall_b = float(torch.exp(-base_lp.double().mean()))
     overall_m = float(torch.exp(-meth_lp.double().mean()))
-    return {"split": tokens.get("split"), "baseline": baseline, "method": method_label or method, "buckets": rows,
+    return {"split": tokens.get("split"), "backbone": tokens.get("backbone"), "baseline": baseline,
+            "method": method_label or method, "buckets": rows,
             "overall": {"ppl_baseline": overall_b, "ppl_method": overall_m,
                         "improvement_percent": 100 * (1 - overall_m / overall_b)},
             "sd": f"standard deviation over {BOOTSTRAP} bootstrap resamples of each bucket's tokens"}

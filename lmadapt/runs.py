@@ -230,3 +230,8 @@ def locked(folder: str | Path, what: str = "run directory"):
 
 def warn(message: str) -> None:
     print(f"lmadapt: warning: {message}", file=sys.stderr)
+
+
+def progress_enabled() -> bool:
+    """Progress bars on a terminal (or when LMADAPT_PROGRESS is set); never in logs and pipes."""
+    return sys.stderr.isatty() or bool(os.environ.get("LMADAPT_PROGRESS"))

@@ -1,12 +1,13 @@
 """THE streaming evaluation loop: one implementation, used by every method.
 
 The evaluation split is walked in order as one stream (batch size 1, as the
-papers evaluate), in segments for speed. Per segment: LSTM forward with
-carried state (lmadapt.backbones: the LSTM's (h, c), a Transformer's key/value window) -> the segment's (hidden, next word) pairs are written to the
-shared memory -> each mixture method gives p(target) reading only positions
-strictly before each row (every memory read is windowed by position, which is
-why results do not depend on the segment length) -> mix with λ and score ->
-each method's observe() (dynamic evaluation takes its gradient step there).
+papers evaluate), in segments for speed. Per segment: the backbone's forward with
+carried state (lmadapt.backbones: the LSTM's (h, c), a Transformer's key/value window)
+-> the segment's (hidden, next word) pairs are written to the shared memory -> each
+mixture method (lmadapt.methods.MixtureMethod) gives p(target) reading only positions
+strictly before each row (every memory read is windowed by position, which is why
+results do not depend on the segment length) -> mix with λ and score -> each model
+adapter (lmadapt.methods.ModelAdapter: dynamic evaluation) takes its update.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from lmadapt.errors import LmadaptError
 from lmadapt.memory import COLUMN_BLOCKED, EpisodicMemory
-from lmadapt.methods import EvalContext, Method, Segment
+from lmadapt.methods import EvalContext, Method, MixtureMethod, ModelAdapter, Segment
 from lmadapt.mix import mix_log_probs
-from lmadapt.train import progress_enabled
+from lmadapt.runs import progress_enabled
 
 
 @dataclass
@@ -42,7 +44,7 @@ class StreamResult:
 
 DEFAULT_SEGMENT = 128
 
-# Per-entry quantities a method may ask the shared memory to keep (Method.memory_extras),
+# Per-entry quantities a method may ask the shared memory to keep (MixtureMethod.memory_extras),
 # each a (V,) vector per position, taken from the segment when the position is scored.
 EXTRAS = {
     "logits": lambda seg: seg.logits,
@@ -54,7 +56,7 @@ EXTRAS = {
 LAYOUT = {"probs": COLUMN_BLOCKED}
 
 
-def _requested_extras(methods: list[Method]) -> dict[str, torch.dtype]:
+def _requested_extras(methods: list[MixtureMethod]) -> dict[str, torch.dtype]:
     wanted: dict[str, torch.dtype] = {}
     for m in methods:
         for name, dt in m.memory_extras().items():
@@ -66,12 +68,12 @@ def _requested_extras(methods: list[Method]) -> dict[str, torch.dtype]:
     return wanted
 
 
-def make_memory(model, methods: list[Method], segment_len: int, device, memory_index: str = "auto",
+def make_memory(model, methods: list[MixtureMethod], segment_len: int, device, memory_index: str = "auto",
                 stream_len: int | None = None):
     """The memory shared by the mixture methods (None when none reads one): the largest
     window any of them reads plus one segment, with every extra they ask for. A window
     longer than the stream is cut to it: it could never fill, and would only allocate."""
-    window = max((m.memory_window() for m in methods if not m.adapts_model), default=0)
+    window = max((m.memory_window() for m in methods), default=0)
     if stream_len is not None:
         window = min(window, stream_len)
     if window <= 0:
@@ -81,7 +83,7 @@ def make_memory(model, methods: list[Method], segment_len: int, device, memory_i
     return EpisodicMemory(window + segment_len, model.feature_size, device=device, extras=extras, index=memory_index)
 
 
-def memory_extras_of(methods: list[Method]):
+def memory_extras_of(methods: list[MixtureMethod]):
     """seg -> the extras to store for its positions (see EXTRAS)."""
     names = list(_requested_extras(methods))
     return lambda seg: {name: EXTRAS[name](seg) for name in names}
@@ -91,17 +93,23 @@ def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str,
                 device="cpu", segment_len: int | None = None, memory_index: str = "auto",
                 desc: str | None = None, cache_dir=None) -> StreamResult:
     """Score `stream` with the base model and `methods`. `segment_len` is a speed knob only
-    (None: the largest of the methods' preferred lengths, else DEFAULT_SEGMENT); a method
-    that adapts the model fixes it to its own. `cache_dir`: where methods may cache what they
+    (None: the largest of the mixture methods' preferred lengths, else DEFAULT_SEGMENT); a
+    model adapter fixes it to its own. `cache_dir`: where methods may cache what they
     derive from the model (dyneval's gradient statistics); None caches nothing."""
     device = torch.device(device)
-    adapting = [m for m in methods if m.adapts_model]
-    mixers = [m for m in methods if not m.adapts_model]
+    adapters = [m for m in methods if isinstance(m, ModelAdapter)]
+    mixers = [m for m in methods if isinstance(m, MixtureMethod)]
+    if len(adapters) + len(mixers) != len(methods):
+        raise TypeError("every method is a MixtureMethod or a ModelAdapter (lmadapt.methods.base)")
     if segment_len is None:
         segment_len = max((n for m in mixers if (n := m.preferred_segment_len())), default=DEFAULT_SEGMENT)
-    if adapting:
-        model = copy.deepcopy(model)  # dynamic evaluation moves the weights; keep the caller's model intact
-        segment_len = adapting[0].params.segment
+    if adapters:
+        lengths = {m.segment_len() for m in adapters}
+        if len(lengths) > 1:
+            names = ", ".join(f"{m.name} {m.segment_len()}" for m in adapters)
+            raise LmadaptError(f"the model adapters update at different segment lengths ({names}); give them one")
+        segment_len = lengths.pop()
+        model = copy.deepcopy(model)  # adapters move the weights; keep the caller's model intact
     segment_len = max(1, min(segment_len, stream.numel() - 1))  # a longer segment would only allocate
     model.eval()
     stream = stream.to(device)
@@ -127,7 +135,7 @@ def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str,
     for s in range(0, n, segment_len):
         e = min(s + segment_len, n)
         x, y = stream[s:e], stream[s + 1:e + 1]
-        with torch.set_grad_enabled(bool(adapting)):
+        with torch.set_grad_enabled(bool(adapters)):
             hidden, logits, new_state = model(x.unsqueeze(0), state)
             log_probs = F.log_softmax(logits[0].float(), -1)
             base = log_probs.gather(1, y.unsqueeze(1)).squeeze(1)
@@ -140,9 +148,10 @@ def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str,
                 log_p, available = m.target_log_probs(seg)
                 comp_out[m.name][0][s:e] = log_p
                 comp_out[m.name][1][s:e] = available
-        loss = -base.mean()
-        for m in methods:
-            m.observe(seg, loss)
+        if adapters:
+            loss = -base.mean()
+            for m in adapters:
+                m.update(seg, loss)
         state = model.detach_state(new_state)
         base_out[s:e] = base.detach()
         bar.update(e - s)

@@ -195,10 +195,14 @@ def hf_corpus(tokenizer, vocab_size: int, *, text_path=None, data=None, data_dir
 
 
 def load_eval_inputs(run_dir=None, *, hf_model=None, text=None, data=None, data_dir=None, split="valid",
-                     context=None, keep=None, device="cpu", extra_splits: tuple = ()):
-    """(model, corpus, split) for `lmadapt eval`: a run directory or --hf-model, a corpus or --text."""
+                     context=None, keep=None, device="cpu", checkpoint=None, extra_splits: tuple = ()):
+    """(model, corpus, split) for `lmadapt eval`: a run directory (the weights of `checkpoint`,
+    lmadapt.checkpoint; None: best) or --hf-model, a corpus or --text; `extra_splits`: further
+    splits an HF tokenizer encodes (valid, for --tune)."""
     if (run_dir is None) == (hf_model is None):
         raise LmadaptError("give either a run directory or --hf-model DIR")
+    if hf_model is not None and checkpoint is not None:
+        raise LmadaptError("--checkpoint chooses the weights of a run directory; --hf-model DIR has its own")
     if hf_model is not None:
         from lmadapt.backbones.hf import load_pretrained
 
@@ -207,17 +211,18 @@ def load_eval_inputs(run_dir=None, *, hf_model=None, text=None, data=None, data_
                            extra_splits=extra_splits)
         return model, corpus, "text" if text is not None else split
 
+    from lmadapt.checkpoint import load_model
     from lmadapt.evaluate import load_for_eval
-    from lmadapt.train import load_model
 
+    checkpoint = checkpoint or "best"
     if text is not None:
-        model, cfg, _ = load_model(runs.require_run_dir(run_dir), device)
+        model, cfg, _ = load_model(runs.require_run_dir(run_dir), device, checkpoint)
         corpus = run_text_corpus(run_dir, cfg, text, data, data_dir)
         if corpus.vocab_size != model.vocab_size:
             raise LmadaptError(f"{run_dir}: vocab.json has {corpus.vocab_size} words but the model {model.vocab_size}")
         split = "text"
     else:
-        model, corpus, cfg = load_for_eval(run_dir, data, data_dir, device)
+        model, corpus, cfg = load_for_eval(run_dir, data, data_dir, device, checkpoint)
         corpus.units = {split: text_units("\n".join(_split_lines(data or cfg.data.name, data_dir if data_dir is not None
                                                                   else cfg.data.data_dir, split)) + "\n")}
     if context is not None or keep is not None:

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,10 +23,13 @@ from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
 from lmadapt import backbones, runs
+from lmadapt.checkpoint import FORMAT_VERSION
 from lmadapt.config import RunConfig
+from lmadapt.corpus import batchify
 from lmadapt.errors import LmadaptError
 from lmadapt.hebbian import HebbianSoftmax
 from lmadapt.model import count_parameters
+from lmadapt.runs import progress_enabled
 
 
 class TrainingDiverged(LmadaptError):
@@ -33,14 +37,6 @@ class TrainingDiverged(LmadaptError):
 
 
 # --------------------------------------------------------------------------- helpers
-
-def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """1-D stream -> (batch_size, n) columns of contiguous text; the ragged tail is dropped."""
-    n = data.numel() // batch_size
-    if n < 2:
-        raise LmadaptError(f"corpus split of {data.numel()} tokens is too short for batch size {batch_size}")
-    return data[: n * batch_size].view(batch_size, n)
-
 
 def autocast(device: torch.device, amp: str):
     if amp == "bf16":
@@ -77,10 +73,6 @@ def amp_problem(model: torch.nn.Module, device: torch.device, amp: str) -> str |
 
 def precision_name(amp: str) -> str:
     return "bf16 autocast" if amp == "bf16" else "float32"
-
-
-def progress_enabled() -> bool:
-    return sys.stderr.isatty() or bool(os.environ.get("LMADAPT_PROGRESS"))
 
 
 @torch.no_grad()
@@ -123,22 +115,22 @@ def _make_optimizer(cfg, params, asgd: bool):
     return cls(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
 
 
-def _budget_done(cfg, prog: dict, total_steps: int) -> float:
+def _budget_done(cfg, prog: Progress, total_steps: int) -> float:
     """Fraction of the training budget used: steps, or wall-clock time if that runs out first."""
-    done = prog["global_step"] / max(total_steps, 1)
+    done = prog.global_step / max(total_steps, 1)
     if cfg.train.max_minutes > 0:
-        done = max(done, prog["train_seconds"] / (60 * cfg.train.max_minutes))
+        done = max(done, prog.train_seconds / (60 * cfg.train.max_minutes))
     return min(done, 1.0)
 
 
-def _lr_factor(cfg, prog: dict, total_steps: int) -> float:
+def _lr_factor(cfg, prog: Progress, total_steps: int) -> float:
     """Learning-rate multiplier from the schedule; all its state lives in `prog`."""
     t = cfg.train
-    factor = prog["lr_scale"]
+    factor = prog.lr_scale
     if t.lr_schedule == "cosine":
         factor *= 0.5 * (1 + math.cos(math.pi * _budget_done(cfg, prog, total_steps)))
     if t.warmup_steps > 0:
-        factor *= min(1.0, (prog["global_step"] + 1) / t.warmup_steps)
+        factor *= min(1.0, (prog.global_step + 1) / t.warmup_steps)
     return factor
 
 
@@ -235,6 +227,24 @@ class Dist:
 
 # --------------------------------------------------------------------------- fit
 
+@dataclass
+class Progress:
+    """The trainer's state besides weights, optimizer, carried state and RNG: everything the
+    schedule, early stopping and resumption read. Saved in last.pt as a plain dict."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_valid: float = float("inf")      # best validation loss so far (nats per token)
+    bad_validations: int = 0              # validations since the last improvement
+    lr_scale: float = 1.0                 # plateau decays so far
+    asgd: bool = False                    # switched to averaged SGD (NT-ASGD)
+    valid_history: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+    tokens_seen: int = 0
+    stopped_because: str | None = None
+
+
 def _rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -246,9 +256,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-FORMAT_VERSION = 2  # config.json layout: 2 adds format_version, precision and corpus checksums
 
 
 def write_run_metadata(run_dir: Path, cfg: RunConfig, corpus, amp_requested: str | None = None) -> None:
@@ -313,9 +320,7 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
     if t.max_steps > 0:
         total_steps = min(total_steps, t.max_steps)
 
-    prog = dict(epoch=0, step_in_epoch=0, global_step=0, best_valid=float("inf"), bad_validations=0,
-                lr_scale=1.0, asgd=False, valid_history=[], train_seconds=0.0, tokens_seen=0,
-                stopped_because=None)
+    prog = Progress()
     # A backbone that does not carry state in training starts every batch afresh (None).
     state = model.init_state(local, device) if model.train_carries_state else None
     optimizer = _make_optimizer(cfg, model.parameters(), asgd=False)
@@ -330,8 +335,8 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
         ckpt = runs.load_tensors(run_dir / runs.LAST, map_location=device)
         try:
             model.load_state_dict(ckpt["model"])
-            prog.update(ckpt["progress"])
-            if prog["asgd"]:
+            prog = Progress(**ckpt["progress"])
+            if prog.asgd:
                 optimizer = _make_optimizer(cfg, model.parameters(), asgd=True)
             optimizer.load_state_dict(ckpt["optimizer"])
             if model.train_carries_state:
@@ -340,11 +345,11 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
             _set_rng_state(rng[ddp.rank] if ddp.rank < len(rng) else rng[0], device)
             if hebbian is not None:
                 hebbian.load_state_dict(ckpt["hebbian"])
-        except (KeyError, RuntimeError, ValueError, IndexError) as exc:
+        except (KeyError, RuntimeError, ValueError, IndexError, TypeError) as exc:
             raise LmadaptError(f"checkpoint {run_dir / runs.LAST} does not match this run: "
                                f"{str(exc).splitlines()[0][:200]}") from None
         # Drop metrics written after the checkpoint we resume from.
-        rows = [r for r in runs.read_jsonl(run_dir / runs.METRICS) if r["step"] <= prog["global_step"]]
+        rows = [r for r in runs.read_jsonl(run_dir / runs.METRICS) if r["step"] <= prog.global_step]
         if ddp.main:
             runs.write_bytes(run_dir / runs.METRICS, "".join(json.dumps(r) + "\n" for r in rows).encode())
     elif ddp.main:
@@ -364,7 +369,7 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
             full = model.state_cat(states) if model.train_carries_state else None
             runs.save_tensors(run_dir / runs.LAST, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "progress": dict(prog), "state": full, "rng": rngs,
+                "progress": asdict(prog), "state": full, "rng": rngs,
                 **({"hebbian": hebbian.state_dict()} if hebbian is not None else {})})
             if on_checkpoint is not None:
                 on_checkpoint()
@@ -375,43 +380,43 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
         with averaged_weights(optimizer):
             nll, n = evaluate(model, corpus.valid, t.eval_batch_size, t.bptt, device, t.amp)
             valid_loss = nll / n
-            improved = valid_loss < prog["best_valid"]
+            improved = valid_loss < prog.best_valid
             if improved and ddp.main:
                 runs.save_tensors(run_dir / runs.BEST, model.state_dict())
         if improved:
-            prog["best_valid"] = valid_loss
-            prog["bad_validations"] = 0
+            prog.best_valid = valid_loss
+            prog.bad_validations = 0
         else:
-            prog["bad_validations"] += 1
-            if t.lr_schedule == "plateau" and prog["bad_validations"] > t.lr_patience:
-                prog["lr_scale"] *= t.lr_decay
-        history = prog["valid_history"]
-        if (t.optimizer == "sgd" and t.nt_asgd and not prog["asgd"] and len(history) > t.nonmono
+            prog.bad_validations += 1
+            if t.lr_schedule == "plateau" and prog.bad_validations > t.lr_patience:
+                prog.lr_scale *= t.lr_decay
+        history = prog.valid_history
+        if (t.optimizer == "sgd" and t.nt_asgd and not prog.asgd and len(history) > t.nonmono
                 and valid_loss > min(history[:-t.nonmono])):
-            prog["asgd"] = True
+            prog.asgd = True
             optimizer = _make_optimizer(cfg, model.parameters(), asgd=True)
             if ddp.main:
                 print("switching to averaged SGD (NT-ASGD)", file=sys.stderr)
         history.append(valid_loss)
-        row = {"epoch": prog["epoch"], "step": prog["global_step"], "valid_loss": valid_loss,
+        row = {"epoch": prog.epoch, "step": prog.global_step, "valid_loss": valid_loss,
                "valid_ppl": math.exp(valid_loss), "lr": t.lr * _lr_factor(cfg, prog, total_steps),
-               "train_seconds": round(prog["train_seconds"], 2), "tokens_seen": prog["tokens_seen"]}
+               "train_seconds": round(prog.train_seconds, 2), "tokens_seen": prog.tokens_seen}
         if ddp.main:
             runs.append_jsonl(run_dir / runs.METRICS, row)
-            print(f"epoch {prog['epoch'] + prog['step_in_epoch'] / steps_per_epoch:.2f} step {prog['global_step']}: valid ppl {row['valid_ppl']:.2f}"
+            print(f"epoch {prog.epoch + prog.step_in_epoch / steps_per_epoch:.2f} step {prog.global_step}: valid ppl {row['valid_ppl']:.2f}"
                   f"{' (best)' if improved else ''}  [{row['train_seconds']:.0f}s]", file=sys.stderr)
-        return t.early_stop_patience > 0 and prog["bad_validations"] >= t.early_stop_patience
+        return t.early_stop_patience > 0 and prog.bad_validations >= t.early_stop_patience
 
     steps_this_call = 0
-    stop = prog["stopped_because"] is not None
-    while not stop and prog["epoch"] < t.epochs:
+    stop = prog.stopped_because is not None
+    while not stop and prog.epoch < t.epochs:
         train_model.train()
-        bar = tqdm(total=steps_per_epoch, initial=prog["step_in_epoch"], desc=f"epoch {prog['epoch'] + 1}",
+        bar = tqdm(total=steps_per_epoch, initial=prog.step_in_epoch, desc=f"epoch {prog.epoch + 1}",
                    disable=not (ddp.main and progress_enabled()), unit="step", leave=False)
         running, running_n, tick, tick_tokens = 0.0, 0, time.perf_counter(), 0
-        while prog["step_in_epoch"] < steps_per_epoch:
+        while prog.step_in_epoch < steps_per_epoch:
             step_start = time.perf_counter()
-            i = prog["step_in_epoch"] * t.bptt
+            i = prog.step_in_epoch * t.bptt
             seq = min(t.bptt, columns.size(1) - 1 - i)
             x, y = columns[:, i:i + seq], columns[:, i + 1:i + 1 + seq]
             for group in optimizer.param_groups:
@@ -426,7 +431,7 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
                 loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
-                    f"training loss became non-finite at epoch {prog['epoch'] + 1} step {prog['global_step'] + 1}; "
+                    f"training loss became non-finite at epoch {prog.epoch + 1} step {prog.global_step + 1}; "
                     f"stopped, the last good checkpoint is kept in {run_dir}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -436,10 +441,10 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
             if hebbian is not None:  # after the gradient step, as the method prescribes
                 hebbian.update(model.output_layer().weight, hidden, y, all_reduce=ddp.all_reduce if ddp.enabled else None)
 
-            prog["step_in_epoch"] += 1
-            prog["global_step"] += 1
-            prog["tokens_seen"] += y.numel() * ddp.world
-            prog["train_seconds"] += time.perf_counter() - step_start
+            prog.step_in_epoch += 1
+            prog.global_step += 1
+            prog.tokens_seen += y.numel() * ddp.world
+            prog.train_seconds += time.perf_counter() - step_start
             steps_this_call += 1
             running += loss.item()
             running_n += 1
@@ -456,31 +461,31 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
                 ddp.close()
                 return None  # simulated kill: no checkpoint beyond the last periodic one
 
-            out_of_time = t.max_minutes > 0 and prog["train_seconds"] >= 60 * t.max_minutes
-            out_of_steps = t.max_steps > 0 and prog["global_step"] >= t.max_steps
+            out_of_time = t.max_minutes > 0 and prog.train_seconds >= 60 * t.max_minutes
+            out_of_steps = t.max_steps > 0 and prog.global_step >= t.max_steps
             out_of_time = ddp.any(out_of_time)
-            end_of_epoch = prog["step_in_epoch"] >= steps_per_epoch
+            end_of_epoch = prog.step_in_epoch >= steps_per_epoch
             if end_of_epoch:
-                prog["epoch"] += 1
-                prog["step_in_epoch"] = 0
-            if out_of_time or out_of_steps or end_of_epoch or (t.eval_interval and prog["global_step"] % t.eval_interval == 0):
+                prog.epoch += 1
+                prog.step_in_epoch = 0
+            if out_of_time or out_of_steps or end_of_epoch or (t.eval_interval and prog.global_step % t.eval_interval == 0):
                 if validate():
-                    prog["stopped_because"] = "early stopping"
+                    prog.stopped_because = "early stopping"
                 if out_of_time:
-                    prog["stopped_because"] = "time budget"
+                    prog.stopped_because = "time budget"
                 elif out_of_steps:
-                    prog["stopped_because"] = "step budget"
+                    prog.stopped_because = "step budget"
                 checkpoint()
-                if prog["stopped_because"]:
+                if prog.stopped_because:
                     stop = True
                     break
-            elif prog["global_step"] % t.checkpoint_interval == 0:
+            elif prog.global_step % t.checkpoint_interval == 0:
                 checkpoint()
             if end_of_epoch:
                 break
         bar.close()
-    if prog["stopped_because"] is None:
-        prog["stopped_because"] = "epochs"
+    if prog.stopped_because is None:
+        prog.stopped_because = "epochs"
         checkpoint()
 
     results = None
@@ -491,7 +496,7 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
     return results
 
 
-def final_results(run_dir: Path, cfg: RunConfig, corpus, model, prog: dict, device) -> dict:
+def final_results(run_dir: Path, cfg: RunConfig, corpus, model, prog: Progress, device) -> dict:
     """Reload the best weights and score valid and test at the final batch size."""
     t = cfg.train
     model.load_state_dict(runs.load_tensors(run_dir / runs.BEST, map_location=device))
@@ -505,13 +510,13 @@ def final_results(run_dir: Path, cfg: RunConfig, corpus, model, prog: dict, devi
     results = {
         "valid_ppl": out["valid_ppl"],
         "test_ppl": out["test_ppl"],
-        "train_seconds": prog["train_seconds"],
-        "tokens_per_second": prog["tokens_seen"] / max(prog["train_seconds"], 1e-9),
-        "epochs_completed": prog["epoch"] + prog["step_in_epoch"] / max(1, math.ceil(
+        "train_seconds": prog.train_seconds,
+        "tokens_per_second": prog.tokens_seen / max(prog.train_seconds, 1e-9),
+        "epochs_completed": prog.epoch + prog.step_in_epoch / max(1, math.ceil(
             (corpus.train.numel() // t.batch_size - 1) / t.bptt)),
-        "steps": prog["global_step"],
-        "stopped_because": prog["stopped_because"],
-        "best_valid_ppl_in_training": math.exp(prog["best_valid"]),
+        "steps": prog.global_step,
+        "stopped_because": prog.stopped_because,
+        "best_valid_ppl_in_training": math.exp(prog.best_valid),
         "parameters": count_parameters(model),
         "valid_tokens_scored": out["valid_tokens_scored"],
         "test_tokens_scored": out["test_tokens_scored"],
@@ -523,18 +528,3 @@ def final_results(run_dir: Path, cfg: RunConfig, corpus, model, prog: dict, devi
     }
     runs.write_json(run_dir / runs.RESULTS, results)
     return results
-
-
-def load_model(run_dir: str | Path, device="cpu") -> tuple[torch.nn.Module, RunConfig, dict]:
-    """A trained model from a run directory (best weights), its config and the raw config.json."""
-    run_dir = runs.require_run_dir(run_dir)
-    meta = runs.read_json(run_dir / runs.CONFIG)
-    cfg = RunConfig.from_dict(meta, source=str(run_dir / runs.CONFIG))
-    model = backbones.build(cfg.model)
-    try:
-        model.load_state_dict(runs.load_tensors(run_dir / runs.BEST, map_location=device))
-    except RuntimeError as exc:
-        raise LmadaptError(f"{run_dir / runs.BEST} does not match config.json: {str(exc).splitlines()[0][:200]}") from None
-    return model.to(device).eval(), cfg, meta
-
-

@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from lmadapt.errors import LmadaptError
 from lmadapt.evaluate import build_methods, coerce_param
-from lmadapt.methods import REGISTRY, combination_name, parse_combination
+from lmadapt.methods import REGISTRY, MixtureMethod, adapter_names, combination_name, mixture_names, parse_combination
 from lmadapt.mix import mix_log_probs, perplexity
 from lmadapt.params import PROBABILITY, numbers
+from lmadapt.runs import progress_enabled
 from lmadapt.stream import stream_eval
-from lmadapt.train import progress_enabled
 
 DEFAULT_LAMBDA_GRID = [0.0, 0.05, 0.1, 0.15]  # the MbPA paper's App. B
 
@@ -78,15 +78,15 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
     """Grid search on `split` (its first `tokens` + 1 ids when given)."""
     names = parse_combination(method)
     if not names:
-        raise LmadaptError("nothing to tune for the plain lstm")
+        raise LmadaptError("nothing to tune for the base model alone: name a method, e.g. --method cache")
     params = params or {}
     grid_overrides = grid_overrides or {}
     lambda_grid = lambda_grid if lambda_grid is not None else DEFAULT_LAMBDA_GRID
     stream = corpus.split(split)
     if tokens is not None:
         stream = stream[:tokens + 1]
-    mixers = [n for n in names if not REGISTRY[n].adapts_model]
-    adapters = [n for n in names if REGISTRY[n].adapts_model]
+    mixers = mixture_names(names)
+    adapters = adapter_names(names)
     plan = {n: _settings(n, params.get(n, {}), grid_overrides.get(n, {})) for n in names}
     passes = sum(len(v) for v in plan.values()) + 1
     if passes > max_passes:
@@ -96,16 +96,16 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
     bar = tqdm(total=passes, desc="tune", unit="pass", disable=not progress_enabled())
 
     def run(methods):
-        result = stream_eval(model, stream, methods, {m.name: 0.0 for m in methods if not m.adapts_model},
+        result = stream_eval(model, stream, methods, {m.name: 0.0 for m in methods if isinstance(m, MixtureMethod)},
                              corpus=corpus, device=device, segment_len=segment_len, cache_dir=cache_dir)
         bar.update(1)
         return result
 
-    lstm = run([])
-    lstm_ppl = perplexity(lstm.base)
+    plain = run([])
+    base_ppl = perplexity(plain.base)
     trials = []
     chosen: dict[str, dict] = {}
-    base = lstm.base
+    base = plain.base
     for name in adapters:
         best = None
         for setting in plan[name]:
@@ -129,7 +129,7 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
 
     # Joint sweep over settings and λ: only stored columns, no model. λ = 0 switches a
     # component off, so the same sweep also gives the best of every smaller mixture
-    # (e.g. lstm+cache and lstm+mbpa beside mbpa+cache), recorded in `subsets`.
+    # (e.g. base+cache and base+mbpa beside mbpa+cache), recorded in `subsets`.
     best = (perplexity(base), {}, {n: 0.0 for n in mixers})
     subsets: dict[str, tuple] = {}
     for picks in itertools.product(*(columns[n] for n in mixers)):
@@ -166,8 +166,9 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
         "lambdas": best[2],
         "split": split,
         "ppl": best[0],
-        "lstm_ppl": lstm_ppl,
-        "delta_vs_lstm_percent": 100 * (best[0] / lstm_ppl - 1),
+        "backbone": model.arch,
+        "base_ppl": base_ppl,
+        "delta_vs_base_percent": 100 * (best[0] / base_ppl - 1),
         "passes": passes,
         "lambda_grid": lambda_grid,
         "grid": {n: {k: sorted({s[k] for s in plan[n]}, key=str) for k in plan[n][0]} for n in names},
@@ -209,7 +210,7 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
         available = min(available, max_tokens)
     start = time.perf_counter()
     probe = min(probe_tokens, available)
-    lam = {n: 0.0 for n in names if not REGISTRY[n].adapts_model}
+    lam = {n: 0.0 for n in mixture_names(names)}
     stream_eval(model, stream[:probe + 1], build_methods(names, params), lam, corpus=corpus, device=device,
                 segment_len=segment_len, cache_dir=cache_dir)
     per_token = (time.perf_counter() - start) / max(probe, 1)

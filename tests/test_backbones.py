@@ -195,7 +195,7 @@ def test_gpt2_run_learns_records_arch_and_loads_with_plain_transformers(gpt2_run
     assert results["valid_ppl"] < 25  # uniform over the 41 words would be ~41
     assert (run / "hf" / "model.safetensors").is_file()
     lm = transformers.AutoModelForCausalLM.from_pretrained(run / "hf", local_files_only=True).eval()
-    from lmadapt.train import load_model
+    from lmadapt.checkpoint import load_model
 
     model, _, _ = load_model(run)
     x = torch.randint(0, meta["model"]["vocab_size"], (1, 12))
@@ -215,10 +215,10 @@ def test_hf_model_dir_gives_the_run_dirs_perplexity(gpt2_run, tmp_path, capsys):
                  "--json", str(b)]) == 0
     ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
     assert ra["tokens"] == rb["tokens"]
-    assert ra["methods"]["lstm"]["ppl"] == pytest.approx(rb["methods"]["lstm"]["ppl"], rel=1e-6)
+    assert ra["methods"]["base"]["ppl"] == pytest.approx(rb["methods"]["base"]["ppl"], rel=1e-6)
     words = len((corpus_dir / "test.txt").read_text().split())
     assert ra["units"]["words"] == words
-    e = ra["methods"]["lstm"]
+    e = ra["methods"]["base"]
     # tokens = words + one <eos> per line, so per-word perplexity is the larger
     assert e["word_ppl"] > e["ppl"] and e["bits_per_byte"] > 0
 
@@ -270,7 +270,7 @@ def test_text_file_with_oov_words_on_a_word_level_run(gpt2_run, tmp_path, capsys
     # the same text through the exported tokenizer and --hf-model scores the same
     out2 = tmp_path / "h.json"
     assert main(["eval", "--hf-model", str(root / "run" / "hf"), "--text", str(doc), "--json", str(out2)]) == 0
-    assert json.loads(out2.read_text())["methods"]["lstm"]["ppl"] == pytest.approx(rep["methods"]["lstm"]["ppl"])
+    assert json.loads(out2.read_text())["methods"]["base"]["ppl"] == pytest.approx(rep["methods"]["base"]["ppl"])
 
 
 def test_hf_model_with_a_bpe_tokenizer_and_context_flag(tmp_path, capsys):
@@ -360,7 +360,7 @@ def test_text_on_a_sentencepiece_run_equals_the_same_text_as_a_corpus_split(tmp_
                  "--json", str(b)]) == 0
     ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
     assert ra["tokens"] == rb["tokens"] > 9  # "zebra" is several pieces
-    for name in ("lstm", "cache"):
+    for name in ("base", "cache"):
         assert ra["methods"][name]["ppl"] == pytest.approx(rb["methods"][name]["ppl"], rel=1e-6)
     assert ra["units"] == rb["units"]
 
@@ -382,7 +382,7 @@ def test_tune_on_an_hf_model_and_a_text(tmp_path):
                  "cache.window=5,20", "--grid", "cache.theta=0.3", "--grid", "lambda=0.1,0.5", "--out", str(out)]) == 0
     best = json.loads(out.read_text())
     assert best["split"] == "text" and best["params"]["cache"]["window"] in (5, 20)
-    assert best["ppl"] < best["lstm_ppl"]  # the text repeats: the cache must help
+    assert best["ppl"] < best["base_ppl"]  # the text repeats: the cache must help
 
 
 @pytest.mark.slow

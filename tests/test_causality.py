@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from lmadapt.evaluate import build_methods
-from lmadapt.methods import REGISTRY, combination_name
+from lmadapt.methods import REGISTRY, MixtureMethod, combination_name
 from lmadapt.methods import dyneval as dyneval_module
 from lmadapt.stream import stream_eval
 
@@ -90,7 +90,7 @@ def _run(model, corpus, stream, names, params, L):
     if "dyneval" in params:
         params["dyneval"]["segment"] = L  # dyneval sets the stream's segment length itself
     methods = build_methods(names, params)
-    lambdas = {m.name: 0.2 for m in methods if not m.adapts_model}
+    lambdas = {m.name: 0.2 for m in methods if isinstance(m, MixtureMethod)}
     return stream_eval(model, stream, methods, lambdas, corpus=corpus, segment_len=L)
 
 

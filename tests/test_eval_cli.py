@@ -36,11 +36,11 @@ def test_eval_writes_table_json_and_tokens(trained, tmp_path, capsys):
                 "--mbpa-k", 8, "--lambda-mbpa", 0.1, "--lambda-cache", 0.2, "--json", out_json,
                 "--save-tokens", out_tok) == 0
     table = capsys.readouterr().out
-    assert "mbpa+cache" in table and "lstm" in table
+    assert "mbpa+cache" in table and "base (lstm)" in table
     rep = json.loads(out_json.read_text())
-    assert set(rep["methods"]) == {"lstm", "mbpa+cache"} and rep["split"] == "test"
-    # The streaming lstm equals the trainer's batch-size-1 test perplexity.
-    assert rep["methods"]["lstm"]["ppl"] == pytest.approx(results["test_ppl"], rel=1e-4)
+    assert set(rep["methods"]) == {"base", "mbpa+cache"} and rep["split"] == "test"
+    # The streaming base model equals the trainer's batch-size-1 test perplexity.
+    assert rep["methods"]["base"]["ppl"] == pytest.approx(results["test_ppl"], rel=1e-4)
     assert rep["tokens"] == results["test_tokens_scored"]
     entry = rep["methods"]["mbpa+cache"]
     assert entry["params"]["mbpa"]["k"] == 8 and entry["lambdas"] == {"mbpa": 0.1, "cache": 0.2}
@@ -62,12 +62,12 @@ def test_tune_then_eval_with_config(trained, tmp_path):
                 "--grid", "lambda=0,0.1,0.3") == 0
     b = json.loads(best.read_text())
     assert b["passes"] == 1 + 4 + 2
-    assert b["ppl"] <= b["lstm_ppl"] + 1e-9  # λ = 0 is in the grid
+    assert b["ppl"] <= b["base_ppl"] + 1e-9  # λ = 0 is in the grid
     # The same sweep gives the best smaller mixtures; none can beat the joint best.
     assert {"cache", "mbpa", "mbpa+cache"} <= set(b["subsets"])
     for key, sub in b["subsets"].items():
         assert sub["ppl"] >= b["ppl"] - 1e-9
-        assert set(sub["lambdas"]) == set(key.split("+")) - {"lstm"}
+        assert set(sub["lambdas"]) == set(key.split("+")) - {"base"}
     # Applying the tuned config reproduces the tuned perplexity.
     out = tmp_path / "e.json"
     assert _cli("eval", root / "run", "--config", best, "--json", out) == 0
@@ -116,7 +116,7 @@ def test_frequency_buckets_are_balanced_and_ordered():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "mbpa+cahce"], "valid methods: lstm, dyneval, knn, mbpa, cache"),
+    (["--method", "mbpa+cahce"], "valid methods: base, dyneval, knn, mbpa, cache"),
     (["--method", "cache", "--lambda-cache", "1.5"], "must be in [0, 1]"),
     (["--method", "mbpa+cache", "--lambda-cache", "0.6", "--lambda-mbpa", "0.6"], "sum to 1.2"),
     (["--method", "mbpa", "--mbpa-k", "600", "--mbpa-memory", "500"], "larger than its memory"),

@@ -102,7 +102,7 @@ def test_method_none_matches_lm_evals_own_hf_model(runs):
     # the settings are recorded in the results
     info = ours["config"]["lmadapt"]
     assert (info["scope"], info["context"], info["max_length"], info["method"]) == ("document", "windows", CONTEXT,
-                                                                                   "lstm")
+                                                                                   "base")
     # the context policy is what makes them equal: the backbone's own sliding window differs
     carry = harness_results("lmadapt", f"hf_model={runs.hf},context=carry", tasks[1:], runs.docs)
     assert metric(carry, tasks[1], "word_perplexity") != pytest.approx(

@@ -94,7 +94,7 @@ def test_mixture_and_lambda_checks():
     for bad in ({"cache": 1.2}, {"cache": -0.1}, {"cache": 0.6, "mbpa": 0.5}):
         with pytest.raises(LmadaptError):
             check_lambdas(bad)
-    with pytest.raises(LmadaptError, match="valid methods: lstm, dyneval, knn, mbpa, cache"):
+    with pytest.raises(LmadaptError, match="valid methods: base, dyneval, knn, mbpa, cache"):
         parse_combination("mbpa+cahce")
     assert parse_combination("cache+mbpa+dyneval") == ["dyneval", "mbpa", "cache"]
     with pytest.raises(LmadaptError, match="larger than its memory"):

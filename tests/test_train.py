@@ -170,7 +170,7 @@ def test_cli_missing_corpus_file_and_corrupt_checkpoint(tiny_corpus_dir, tmp_pat
 
 
 def test_load_model_rejects_corrupt_weights(tiny_corpus_dir, tmp_path):
-    from lmadapt.train import load_model
+    from lmadapt.checkpoint import load_model
 
     cfg = tiny_config(tiny_corpus_dir, ["train.epochs=1"])
     fit(tmp_path / "run", cfg, load_corpus(cfg.data.name))

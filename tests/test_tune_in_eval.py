@@ -13,7 +13,8 @@ from lmadapt.corpus import load_corpus
 from lmadapt.methods import NeuralCache
 from lmadapt.mix import perplexity
 from lmadapt.stream import stream_eval
-from lmadapt.train import fit, load_model
+from lmadapt.checkpoint import load_model
+from lmadapt.train import fit
 
 from conftest import tiny_config, write_markov_corpus
 
@@ -169,7 +170,7 @@ def test_tokens_scores_only_a_prefix(run, tmp_path):
     corpus = load_corpus(json.loads((run / "config.json").read_text())["data"]["name"])
     plain = stream_eval(model, corpus.test[:51], [], {}, corpus=corpus)
     assert rep["tokens"] == 50 and "units" not in rep
-    assert rep["methods"]["lstm"]["ppl"] == pytest.approx(perplexity(plain.base), rel=1e-9)
+    assert rep["methods"]["base"]["ppl"] == pytest.approx(perplexity(plain.base), rel=1e-9)
 
 
 def test_tune_on_an_hf_model_uses_the_corpus_valid_split(tmp_path, capsys):

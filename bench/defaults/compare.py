@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
     if "plain" not in report:
         r = run("plain", [])
-        report["plain"] = {"ppl": r["report"]["methods"]["lstm"]["ppl"], "wall_seconds": r["wall_seconds"]}
+        report["plain"] = {"ppl": r["report"]["methods"]["base"]["ppl"], "wall_seconds": r["wall_seconds"]}
         save()
     for combo in args.combos.split(","):
         names = combo.split("+")
@@ -113,10 +113,10 @@ def main(argv=None) -> int:
             r = run(label, ["--method", combo, *extra] if variant != "grid" else extra)
             e = r["report"]["methods"][combo]
             rows[label] = {"combo": combo, "variant": variant, "ppl": e["ppl"],
-                           "delta_percent": e["delta_vs_lstm_percent"], "wall_seconds": r["wall_seconds"],
+                           "delta_percent": e["delta_vs_base_percent"], "wall_seconds": r["wall_seconds"],
                            "params": r["report"].get("params"), "lambdas": r["report"].get("lambdas"),
                            "settings": r["report"].get("settings")}
-            print(f"{args.name} {label}: {e['ppl']:.2f} ({e['delta_vs_lstm_percent']:+.2f}%) "
+            print(f"{args.name} {label}: {e['ppl']:.2f} ({e['delta_vs_base_percent']:+.2f}%) "
                   f"{r['wall_seconds']:.0f} s", flush=True)
             save()
     return 0

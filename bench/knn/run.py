@@ -155,14 +155,14 @@ def stage_tune(args, out: Path) -> dict:
         rep = json.loads(rep_path.read_text())
         entry = rep["methods"][name]
         table[name] = {"valid_ppl": sub["ppl"], "test_ppl": entry["ppl"],
-                       "test_lstm_ppl": rep["methods"]["lstm"]["ppl"],
-                       "delta_vs_lstm_percent": entry["delta_vs_lstm_percent"],
+                       "test_lstm_ppl": rep["methods"]["base"]["ppl"],
+                       "delta_vs_lstm_percent": entry["delta_vs_base_percent"],
                        "tokens_per_second": entry["tokens_per_second"],
-                       "lstm_tokens_per_second": rep["methods"]["lstm"]["tokens_per_second"],
+                       "lstm_tokens_per_second": rep["methods"]["base"]["tokens_per_second"],
                        "params": sub["params"], "lambdas": sub["lambdas"], "peak_rss_mb": m["peak_rss_mb"],
                        "command": " ".join(["lmadapt", *ecmd[3:]])}
         print(name, json.dumps(table[name]), flush=True)
-    return {"tune_command": " ".join(["lmadapt", *cmd[3:]]), "tune": tune_m, "valid_lstm_ppl": best["lstm_ppl"],
+    return {"tune_command": " ".join(["lmadapt", *cmd[3:]]), "tune": tune_m, "valid_lstm_ppl": best["base_ppl"],
             "lambda_grid": best["lambda_grid"], "grid": best["grid"], "table": table}
 
 

@@ -16,6 +16,7 @@ import torch
 
 class Backbone(Protocol):
     train_carries_state: bool  # True: training carries the state across batches (truncated BPTT)
+    arch: str                  # the architecture's name, shown beside the base model in reports
 
     @property
     def feature_size(self) -> int:

@@ -104,6 +104,10 @@ class HFCausalLM(nn.Module):
         self.context, self.keep = context, keep
 
     @property
+    def arch(self) -> str:
+        return str(self.lm.config.model_type)  # gpt2 for model.arch=gpt2; llama, ... for --hf-model
+
+    @property
     def head(self) -> nn.Linear:
         return self.lm.get_output_embeddings()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lmadapt.errors import LmadaptError
-from lmadapt.methods.base import EvalContext, Method, Segment
+from lmadapt.methods.base import EvalContext, Method, MixtureMethod, ModelAdapter, Segment
 from lmadapt.methods.cache import NeuralCache
 from lmadapt.methods.dyneval import DynamicEvaluation
 from lmadapt.methods.knn import KnnLM
@@ -16,17 +16,20 @@ REGISTRY: dict[str, type[Method]] = {
     MbPA.name: MbPA,
     NeuralCache.name: NeuralCache,
 }
-BASE = "lstm"
+# The base model alone, whatever its backbone (reports show which: "base (gpt2)").
+BASE = "base"
+# Also accepted for the base model in --method, --baseline and model_args.
+BASE_ALIASES = ("lstm",)
 
 
 def parse_combination(text: str) -> list[str]:
-    """'mbpa+cache' -> ['mbpa', 'cache'] in canonical order; 'lstm' -> []."""
+    """'mbpa+cache' -> ['mbpa', 'cache'] in canonical order; 'base' (or 'lstm') -> []."""
     names = [n.strip() for n in text.split("+")]
     if not any(names):
         raise LmadaptError("empty --method")
     if not all(names):
         raise LmadaptError(f"method {text!r} has an empty part: write names joined by single '+', e.g. mbpa+cache")
-    unknown = [n for n in names if n != BASE and n not in REGISTRY]
+    unknown = [n for n in names if n != BASE and n not in BASE_ALIASES and n not in REGISTRY]
     if unknown:
         valid = ", ".join([BASE, *REGISTRY])
         raise LmadaptError(f"unknown method {unknown[0]!r}; valid methods: {valid} (combine with '+')")
@@ -39,4 +42,13 @@ def combination_name(names: list[str]) -> str:
     return "+".join(names) if names else BASE
 
 
-__all__ = ["REGISTRY", "BASE", "Method", "Segment", "EvalContext", "parse_combination", "combination_name"]
+def mixture_names(names: list[str]) -> list[str]:
+    return [n for n in names if issubclass(REGISTRY[n], MixtureMethod)]
+
+
+def adapter_names(names: list[str]) -> list[str]:
+    return [n for n in names if issubclass(REGISTRY[n], ModelAdapter)]
+
+
+__all__ = ["REGISTRY", "BASE", "BASE_ALIASES", "Method", "MixtureMethod", "ModelAdapter", "Segment", "EvalContext",
+           "parse_combination", "combination_name", "mixture_names", "adapter_names"]

@@ -1,4 +1,18 @@
-"""The protocol every adaptation method follows, and what the streaming loop hands it."""
+"""The two kinds of test-time adaptation method, and what the streaming loop hands them.
+
+The streaming loop (lmadapt.stream.stream_eval) calls, per kind:
+
+* MixtureMethod: gives log p(target) of every scored position; the loop mixes it with
+  the base model by λ (its `default_lambda` unless one is given).
+    memory_window(), memory_extras()  before the stream: the shared memory it reads
+    preferred_segment_len()           before the stream: a speed hint for the segment length
+    start(ctx)                        once
+    target_log_probs(seg)             per segment, once the segment's pairs are in the memory
+* ModelAdapter: changes the base model itself (dynamic evaluation); not mixed, no λ.
+    segment_len()                     the loop's segment length: one update per segment
+    start(ctx)                        once, on the loop's own copy of the model
+    update(seg, loss)                 per segment, after it was scored; `loss` keeps its graph
+"""
 
 from __future__ import annotations
 
@@ -31,20 +45,17 @@ class EvalContext:
 
     model: torch.nn.Module
     corpus: Any
-    memory: Any                 # lmadapt.memory.EpisodicMemory shared by all memory-based methods
+    memory: Any                 # lmadapt.memory.EpisodicMemory shared by the mixture methods (None: none reads one)
     device: torch.device
     segment_len: int
     cache_dir: Any = None       # where a method may cache what it derives from the run (the run directory)
 
 
 class Method:
-    """A test-time adaptation method the streaming loop calls.
+    """What both kinds share: a name, hyper-parameters and their tuning grid.
 
     `Params` is a dataclass of the method's hyper-parameters: the CLI makes a
     flag `--NAME-FIELD` of each field and `lmadapt tune` sweeps `grid`.
-    Mixture methods return p(target) and are mixed with the base model by
-    lambda; methods with `adapts_model` change the base model itself (dynamic
-    evaluation) and have no lambda.
     """
 
     name: ClassVar[str]
@@ -53,9 +64,6 @@ class Method:
     # Named settings (`--preset NAME`): params, plus "lambda" for a mixture method. "paper"
     # is the setting of the method's source paper or reference code.
     PRESETS: ClassVar[dict[str, dict]] = {}
-    needs_grad: ClassVar[bool] = False      # the loop keeps the forward graph for observe()
-    adapts_model: ClassVar[bool] = False    # changes the base model instead of being mixed in
-    needs_logits: ClassVar[bool] = False    # the shared memory must keep each entry's base logits
 
     def __init__(self, params=None):
         self.params = params if params is not None else self.Params()
@@ -65,6 +73,20 @@ class Method:
         """The grid `lmadapt tune` sweeps given the settings held fixed (default: `grid`)."""
         return cls.grid
 
+    @classmethod
+    def param_names(cls) -> list[str]:
+        return [f.name for f in fields(cls.Params)]
+
+    def start(self, ctx: EvalContext) -> None:
+        """Called once before the stream."""
+
+
+class MixtureMethod(Method):
+    """Gives p(target) from what it has seen of the stream (or a datastore); mixed with the
+    base model by λ. It never changes the model."""
+
+    default_lambda: ClassVar[float]   # λ when neither a flag nor a --config gives one
+
     def memory_window(self) -> int:
         """How many past positions this method reads from the shared memory (0: none)."""
         return 0
@@ -72,17 +94,14 @@ class Method:
     def memory_extras(self) -> dict[str, torch.dtype]:
         """Per-entry vectors the shared memory must keep, by name and storage dtype: any of
         "logits", "log_probs", "probs" (lmadapt.stream.EXTRAS), recorded when each position
-        is scored. Default: the base logits when `needs_logits`."""
-        return {"logits": torch.float32} if self.needs_logits else {}
+        is scored."""
+        return {}
 
     def preferred_segment_len(self) -> int | None:
         """Positions per stream segment this method runs fastest at (None: no preference).
         Only a speed hint: results never depend on the segment length. The loop uses the
-        largest preference when its caller gives no length and no method adapts the model."""
+        largest preference when its caller gives no length and no model adapter runs."""
         return None
-
-    def start(self, ctx: EvalContext) -> None:
-        """Called once before the stream."""
 
     def target_log_probs(self, seg: Segment) -> tuple[Tensor, Tensor]:
         """(log p_method(targets), available) for the segment, using only memory
@@ -91,10 +110,16 @@ class Method:
         the base model for that token."""
         raise NotImplementedError
 
-    def observe(self, seg: Segment, loss: Tensor | None) -> None:
-        """Called after the segment was scored (loss: the base model's mean NLL on
-        it, with its graph when needs_grad)."""
 
-    @classmethod
-    def param_names(cls) -> list[str]:
-        return [f.name for f in fields(cls.Params)]
+class ModelAdapter(Method):
+    """Changes the base model's weights as the stream goes (dynamic evaluation): every
+    mixture method then reads the adapted model."""
+
+    def segment_len(self) -> int:
+        """Positions per update. The loop's segments are this long, so that update() sees
+        exactly one update's worth of stream; it overrides the caller's segment length."""
+        raise NotImplementedError
+
+    def update(self, seg: Segment, loss: Tensor) -> None:
+        """Called after the segment was scored; loss is the model's mean NLL on it, with its graph."""
+        raise NotImplementedError

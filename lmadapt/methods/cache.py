@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from lmadapt.errors import LmadaptError
-from lmadapt.methods.base import Method, Segment
+from lmadapt.methods.base import MixtureMethod, Segment
 from lmadapt.params import NON_NEGATIVE, at_least
 
 _ROWS = 128  # segment rows per attention block
@@ -29,9 +29,10 @@ class CacheParams:
     RANGES: ClassVar[dict] = {"window": at_least(1), "theta": NON_NEGATIVE}
 
 
-class NeuralCache(Method):
+class NeuralCache(MixtureMethod):
     name = "cache"
     Params = CacheParams
+    default_lambda = 0.15  # the MbPA paper's best PTB setting (App. B)
     grid = {"window": [500, 1000, 5000], "theta": [0.1, 0.3, 0.5, 1.0]}
     PRESETS = {"paper": {"window": 500, "theta": 0.3, "lambda": 0.15}}
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from lmadapt.errors import LmadaptError
-from lmadapt.methods.base import Method, Segment
+from lmadapt.methods.base import ModelAdapter, Segment
 from lmadapt.params import NON_NEGATIVE, POSITIVE, at_least, between
 
 # The statistics of the most recent key, in this process.
@@ -70,12 +70,10 @@ def select_parameters(model, adapt: str) -> list[torch.nn.Parameter]:
     return model.adaptable_parameters(adapt)
 
 
-class DynamicEvaluation(Method):
+class DynamicEvaluation(ModelAdapter):
     name = "dyneval"
     Params = DynEvalParams
     grid = {"lr": REFERENCE_LRS, "decay": REFERENCE_DECAYS}
-    needs_grad = True
-    adapts_model = True
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -178,10 +176,10 @@ class DynamicEvaluation(Method):
         return h.hexdigest()[:24]
 
     # ------------------------------------------------------------------ the loop's hooks
-    def target_log_probs(self, seg: Segment):
-        raise NotImplementedError("dynamic evaluation adapts the base model; it is not mixed in")
+    def segment_len(self) -> int:
+        return self.params.segment
 
-    def observe(self, seg: Segment, loss) -> None:
+    def update(self, seg: Segment, loss) -> None:
         grads = _dense(torch.autograd.grad(loss, self.adapted))
         with torch.no_grad():
             apply_update(self.adapted, grads, lr=self.params.lr, keep=self.keep, anchor=self.anchor, inv=self.inv)
@@ -192,7 +190,7 @@ def gradient_rms(model, params: list[torch.Tensor], train: torch.Tensor, segment
     """MS per weight of `params`: √(mean over batches of the squared gradient of each
     batch's mean NLL), the training stream cut into `batch` contiguous columns walked in
     segments of `segment` tokens with the state carried (the reference's gradstat())."""
-    from lmadapt.train import batchify
+    from lmadapt.corpus import batchify
 
     if train.numel() < 2 * batch + 2:
         raise LmadaptError(f"dyneval's statistics need at least {2 * batch + 2} training tokens at stat_batch "

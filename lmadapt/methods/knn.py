@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 
 from lmadapt.errors import LmadaptError
-from lmadapt.methods.base import Method, Segment
+from lmadapt.methods.base import MixtureMethod, Segment
 from lmadapt.params import POSITIVE, at_least
 
 _SEGMENT = 256   # faiss amortises its per-call overhead over the rows of one search
@@ -54,9 +54,10 @@ def knn_target_log_probs(dist: torch.Tensor, ids: torch.Tensor, values: torch.Te
     return log_p, available
 
 
-class KnnLM(Method):
+class KnnLM(MixtureMethod):
     name = "knn"
     Params = KnnParams
+    default_lambda = 0.25  # kNN-LM's WikiText-103 setting
     # Largest k first: its searches are cached and serve the smaller k (Datastore.search).
     # T spans the squared distances seen: on the PTB model kNN distances run 0.3 (1st) to 2.8 (1024th).
     grid = {"k": [1024, 256, 64], "temperature": [0.1, 0.3, 1.0, 3.0, 10.0]}

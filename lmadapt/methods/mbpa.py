@@ -35,7 +35,7 @@ import torch
 
 from lmadapt.adapt import KERNELS, LinearMbPA, functional_mbpa, kernel_weights
 from lmadapt.errors import LmadaptError
-from lmadapt.methods.base import Method, Segment
+from lmadapt.methods.base import MixtureMethod, Segment
 from lmadapt.methods.mbpa_source import SOURCES, mbpa_log_probs
 from lmadapt.params import NON_NEGATIVE, POSITIVE, at_least
 
@@ -68,9 +68,10 @@ _STORE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _SEGMENT = 512
 
 
-class MbPA(Method):
+class MbPA(MixtureMethod):
     name = "mbpa"
     Params = MbPAParams
+    default_lambda = 0.1  # the paper's best PTB setting (App. B)
     # Searched by `lmadapt tune`: the paper's App. B grid (PAPER_GRID) tops out at alpha 1 and
     # K >= 256, while on the CPU-scale models here small K with large alpha does best
     # (bench/defaults: every setting of this grid on each recipe model's valid split).
