@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The MbPA paper's MNIST experiments and the Hebbian-softmax class curriculum, full size.
-#   bench/classify.sh [DATA_DIR] [EXPERIMENT ...]
+#   bench/classify/run.sh [DATA_DIR] [EXPERIMENT ...]
 # EXPERIMENT: permuted incremental unbalanced curriculum (default: all four).
 # Outputs go to bench/out/classify-EXPERIMENT (refused if already there; delete to re-run).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 data_dir="${1:-../shared/data}"
 shift || true
 exps=("$@")

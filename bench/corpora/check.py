@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check lmadapt.corpus against the real PTB and WikiText-2 files.
 
-Usage: python bench/check_corpora.py [DATA_ROOT] [--spm]
+Usage: python bench/corpora/check.py [DATA_ROOT] [--spm]
 
 DATA_ROOT holds ptb/ and wikitext-2/ (default: ../shared/data from the repository
 root). For each corpus this loads it from the files, prints the train/valid/test
@@ -23,12 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+from lmadapt import corpus as C
 
-from lmadapt import corpus as C  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 
 EXPECTED = {
     "ptb": ((929_589, 73_760, 82_430), 10_000),

@@ -8,7 +8,7 @@ line) is closest to a target: 130k train, 15k valid, 15k test (130k rather than
 so the sample keeps the ``<unk>`` convention of the original. ATTRIBUTION.md is
 written alongside, naming the line ranges.
 
-Usage: python bench/make_sample.py [WIKITEXT2_DIR] [OUT_DIR]
+Usage: python bench/corpora/make_sample.py [WIKITEXT2_DIR] [OUT_DIR]
 (defaults: ../shared/data/wikitext-2 relative to the repository root, lmadapt/sample)
 """
 
@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 TARGETS = {"train": 130_000, "valid": 15_000, "test": 15_000}
 # An article starts with a blank line followed by a top-level heading " = Title = ".
 HEADING = re.compile(r" = [^=].* = ")
@@ -92,7 +92,7 @@ WikiText-2 itself):
 |---|---|---|---|---|---|
 {table}
 
-Regenerate with `python bench/make_sample.py` from the repository root (it reads
+Regenerate with `python bench/corpora/make_sample.py` from the repository root (it reads
 `../shared/data/wikitext-2/`, or a folder given as its first argument).
 """
 

@@ -1,8 +1,8 @@
 """Dynamic-evaluation settings on the first N tokens of a split of a trained run.
 
-    python bench/dyneval_ablation.py RUN_DIR --split valid --tokens 20000 --threads 1 \
+    python bench/dyneval/ablation.py RUN_DIR --split valid --tokens 20000 --threads 1 \
         --setting "" --setting "adapt=lstm" --setting "segment=20,lr=2e-4,decay=0.008" \
-        --json bench/results/dyneval/ablation.json
+        --json bench/dyneval/results/ablation.json
 
 Each --setting is a comma-separated list of dyneval parameters over the defaults ("" is
 the default rule); the plain model is scored once on the same tokens.  Optional
@@ -19,9 +19,12 @@ import dataclasses
 import json
 import sys
 import time
-from pathlib import Path
 
-import torch
+from dyneval_common import add_stream_arguments, load_stream
+from lmadapt.evaluate import build_methods
+from lmadapt.methods import combination_name, parse_combination
+from lmadapt.mix import perplexity
+from lmadapt.stream import stream_eval
 
 
 def parse_setting(text: str) -> dict:
@@ -36,30 +39,13 @@ def parse_setting(text: str) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir")
-    ap.add_argument("--split", default="valid", choices=["valid", "test"])
-    ap.add_argument("--tokens", type=int, default=20000, help="scored tokens from the split's start (0: all)")
+    add_stream_arguments(ap, split="valid", tokens=20000)
     ap.add_argument("--setting", action="append", default=None, help="dyneval params, e.g. lr=1e-4,decay=0.004")
     ap.add_argument("--mix", action="append", default=[], help="NAME:k=v,k=v:LAMBDA mixture added to each setting")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-cache", action="store_true", help="do not read or write cached statistics")
-    ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
-    from lmadapt.evaluate import build_methods, load_for_eval
-    from lmadapt.methods import combination_name, parse_combination
-    from lmadapt.mix import perplexity
-    from lmadapt.stream import stream_eval
-
-    model, corpus, _ = load_for_eval(args.run_dir)
-    stream = corpus.split(args.split)
-    if args.tokens:
-        stream = stream[: args.tokens + 1]
-    out_path = Path(args.json)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    report = {"run_dir": args.run_dir, "split": args.split, "tokens": stream.numel() - 1,
-              "threads": args.threads, "command": " ".join(sys.argv), "rows": []}
+    model, corpus, stream, out_path, head = load_stream(args)
+    report = {**head, "rows": []}
     plain = stream_eval(model, stream, [], {}, corpus=corpus)
     report["lstm_ppl"] = perplexity(plain.base)
     print(f"lstm: {report['lstm_ppl']:.2f}", flush=True)

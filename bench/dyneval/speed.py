@@ -1,7 +1,7 @@
 """Dynamic evaluation's speed against its floor (and, optionally, the reference code), in one run.
 
-    python bench/dyneval_speed.py RUN_DIR --split test --tokens 4000 --segments 5,20 --threads 1 \
-        [--reference /path/outside/the/repo/port.py] --json bench/results/dyneval/speed.json
+    python bench/dyneval/speed.py RUN_DIR --split test --tokens 4000 --segments 5,20 --threads 1 \
+        [--reference /path/outside/the/repo/port.py] --json bench/dyneval/results/speed.json
 
 The floor at segment length L is what any dynamic evaluation must do per token: the
 forward and backward of one L-token segment at batch size 1 and one fused pass over the
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -36,15 +35,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dyneval_common import add_stream_arguments, load_stream
+from lmadapt.evaluate import build_methods
+from lmadapt.methods import dyneval as dyn
+from lmadapt.mix import perplexity
+from lmadapt.model import detach_state
+from lmadapt.stream import stream_eval
+
 
 def floor_seconds(model, stream, L: int) -> float:
     """Forward + backward of each L-token segment at batch 1 and one fused weight pass."""
-    from lmadapt.methods.dyneval import select_parameters
-    from lmadapt.model import detach_state
-
     model = copy.deepcopy(model).eval()
     model.sparse_embedding_grad = True  # the cheapest forward+backward the model offers
-    params = select_parameters(model, "all")
+    params = dyn.select_parameters(model, "all")
     for p in params:
         p.requires_grad_(True)
     n = stream.numel() - 1
@@ -64,33 +67,16 @@ def floor_seconds(model, stream, L: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir")
-    ap.add_argument("--split", default="test", choices=["valid", "test"])
-    ap.add_argument("--tokens", type=int, default=4000, help="scored tokens from the split's start (0: all)")
+    add_stream_arguments(ap, split="test", tokens=4000)
     ap.add_argument("--segments", default="5,20")
     ap.add_argument("--max-batches", type=int, default=0, help="statistics batches (0: the whole training split)")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reference", help="a port of the reference dynamiceval.py (outside this repository)")
     ap.add_argument("--repeats", type=int, default=2, help="floor/method timings, alternated (the fastest counts)")
     ap.add_argument("--no-mixtures", action="store_true")
-    ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
-    from lmadapt.evaluate import build_methods, load_for_eval
-    from lmadapt.methods import dyneval as dyn
-    from lmadapt.mix import perplexity
-    from lmadapt.stream import stream_eval
-
-    model, corpus, _ = load_for_eval(args.run_dir)
-    stream = corpus.split(args.split)
-    if args.tokens:
-        stream = stream[: args.tokens + 1]
+    model, corpus, stream, out_path, head = load_stream(args)
     n = stream.numel() - 1
-    report = {"run_dir": args.run_dir, "split": args.split, "tokens": n, "threads": args.threads,
-              "max_batches": args.max_batches, "command": " ".join(sys.argv), "segments": {}}
-    out_path = Path(args.json)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    report = {**head, "max_batches": args.max_batches, "segments": {}}
 
     def save():
         out_path.write_text(json.dumps(report, indent=1) + "\n")
@@ -147,8 +133,8 @@ def main(argv=None) -> int:
                     cmd.append("--val")
                 if args.max_batches:
                     cmd += ["--max_batches", str(args.max_batches)]
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL,
-                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                # the port imports lmadapt as this process does (installed, or an inherited PYTHONPATH)
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 ref = json.loads(out.read_text())
             row["reference"] = {"ppl": ref["ppl"], "stat_seconds": ref["stat_seconds"],
                                 "eval_seconds": ref["eval_seconds"]}

@@ -1,9 +1,9 @@
 """Tokens/s of the streaming evaluator per method, as ratios to plain LSTM evaluation.
 
-    python bench/bench_speed.py /tmp/r/a                 # a trained run, its test split
-    python bench/bench_speed.py                          # random ptb-cpu-sized LSTMLM (V=10000, 300/300, 2 layers)
-    python bench/bench_speed.py --vocab 33278 --tokens 3000   # wt2-cpu-sized vocabulary
-    python bench/bench_speed.py RUN --only lstm,mbpa --no-naive
+    python bench/eval_speed/run.py /tmp/r/a                 # a trained run, its test split
+    python bench/eval_speed/run.py                          # random ptb-cpu-sized LSTMLM (V=10000, 300/300, 2 layers)
+    python bench/eval_speed/run.py --vocab 33278 --tokens 3000   # wt2-cpu-sized vocabulary
+    python bench/eval_speed/run.py RUN --only lstm,mbpa --no-naive
 
 One model and one token stream for every method: a run's split (via
 lmadapt.evaluate.load_for_eval) or random tokens with repeats (Zipf draws, and copies of

@@ -2,8 +2,8 @@
 (and lm-eval's own `--model hf` on the run's hf/ export for GPT-2 runs), one
 `lmadapt harness` process per row, wall time measured around it.
 
-    python bench/harness/wt2.py RUN --text /work/shared/data/wikitext-2/wiki.test.tokens \
-        --out bench/results/harness-wt2-gpt2 --methods none,cache --scopes document,stream
+    python bench/harness/run.py RUN --text /work/shared/data/wikitext-2/wiki.test.tokens \
+        --out bench/harness/results/wt2-gpt2 --methods none,cache --scopes document,stream
 
 Writes OUT/ROW/results_*.json (lm-eval's output) and OUT/summary.md; prints the table.
 """

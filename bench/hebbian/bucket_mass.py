@@ -1,6 +1,7 @@
 """Probability mass a trained LM gives each frequency bucket, against that bucket's share of the targets.
 
-    python bench/bucket_mass.py RUN_DIR [RUN_DIR ...] --data-dir ../shared/data [--split valid]
+    python bench/hebbian/bucket_mass.py RUN_DIR [RUN_DIR ...] --data-dir ../shared/data [--split valid] \
+        [--json OUT.json]
 
 A diagnostic for output-layer methods that move rare-word rows (the Hebbian softmax):
 if the rows of rare words are pulled toward the mean activation, their logits rise in
@@ -15,9 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
+from lmadapt import runs
 from lmadapt.errors import LmadaptError
 from lmadapt.evaluate import load_for_eval
 from lmadapt.report import frequency_buckets
@@ -63,7 +66,11 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="valid")
     p.add_argument("--buckets", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="also write the figures here (the shape mass_from_log.py gives a recorded printout)")
     a = p.parse_args(argv)
+    if a.json and Path(a.json).exists():
+        print(f"bucket_mass: error: {a.json} exists (not overwritten)", file=sys.stderr)
+        return 2
     torch.set_num_threads(a.threads)
     out = {}
     try:
@@ -87,6 +94,9 @@ def main(argv=None) -> int:
     for run, r in out.items():
         print(f"| {run} | " + " | ".join(f"{m:.4f}" for m in r["mass"]) + " |")
     print(json.dumps(out))
+    if a.json:
+        runs.write_json(Path(a.json), {"split": a.split, "buckets": a.buckets, "runs": out,
+                                       "command": " ".join(sys.argv)})
     return 0
 
 

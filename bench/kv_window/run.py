@@ -1,7 +1,7 @@
 """Streaming a Transformer: lmadapt's KV window against the stride recompute of the
 transformers perplexity guide, and each method's throughput on the Transformer.
 
-    python bench/bench_kv_window.py --tokens 5000 --threads 1 --out bench/results/kv-window/results.json
+    python bench/kv_window/run.py --tokens 5000 --threads 1 --out bench/kv_window/results/results.json
 
 A randomly initialised GPT-2 (throughput does not depend on the weights), the
 word-level vocabulary of WikiText-2's train split, the first --tokens tokens of its
@@ -23,7 +23,6 @@ test split. Rows:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -32,13 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lmadapt import runs  # noqa: E402
-from lmadapt.backbones.hf import HFCausalLM  # noqa: E402
-from lmadapt.corpus import load_corpus  # noqa: E402
-from lmadapt.evaluate import build_methods  # noqa: E402
-from lmadapt.stream import stream_eval  # noqa: E402
+from lmadapt import runs
+from lmadapt.backbones.hf import HFCausalLM
+from lmadapt.corpus import load_corpus
+from lmadapt.evaluate import build_methods
+from lmadapt.stream import stream_eval
 
 
 @torch.no_grad()

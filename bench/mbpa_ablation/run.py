@@ -1,6 +1,6 @@
 """One-factor-at-a-time ablation of MbPA on a language model (what closes the gap?).
 
-    python bench/mbpa_ablation.py RUN_DIR --out bench/out/ablation-ptb.json [--tokens 20000]
+    python bench/mbpa_ablation/run.py RUN_DIR --out bench/out/ablation-ptb.json [--tokens 20000]
 
 Around a base point (the calibration note's setting: plain steps, T=1,
 normalised weights, K=256, N=5000) it varies one factor at a time: α,
@@ -23,12 +23,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lmadapt import runs  # noqa: E402
-from lmadapt.evaluate import build_methods, load_for_eval  # noqa: E402
-from lmadapt.mix import mix_log_probs, perplexity  # noqa: E402
-from lmadapt.stream import stream_eval  # noqa: E402
+from lmadapt import runs
+from lmadapt.evaluate import build_methods, load_for_eval
+from lmadapt.mix import mix_log_probs, perplexity
+from lmadapt.stream import stream_eval
 
 LAMBDAS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
 BASE = {"memory": 5000, "k": 256, "steps": 1, "alpha": 1.0, "beta": 0.0, "eps": 1e-3, "normalise": True,

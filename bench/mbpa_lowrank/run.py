@@ -1,7 +1,7 @@
 """Time low-rank MbPA (adapted_log_probs_lowrank) against the naive per-query reference.
 
-    python bench/bench_adapt.py                 # the configurations below
-    python bench/bench_adapt.py --quick         # small smoke run
+    python bench/mbpa_lowrank/run.py                 # the configurations below
+    python bench/mbpa_lowrank/run.py --quick         # small smoke run
 
 Setting: an LM-style softmax layer (V, d), an episodic memory of N random keys with random
 labels, K neighbours per query from EpisodicMemory.knn, normalised kernel weights.  The

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Train the CPU recipes against the real corpora and print their results.
-#   bench/train.sh [DATA_DIR] [RECIPE ...]      (default: ../shared/data ptb-cpu wt2-cpu)
+#   bench/recipes/run.sh [DATA_DIR] [RECIPE ...]      (default: ../shared/data ptb-cpu wt2-cpu)
 # Each run goes to bench/out/RECIPE (refused if it already finished; delete it to re-run).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 data_dir="${1:-../shared/data}"
 shift || true
 recipes=("$@")

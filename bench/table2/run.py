@@ -1,7 +1,7 @@
 """The MbPA paper's Table 2 at CPU scale: tune on valid, report valid and test.
 
-    python bench/table2.py RUN_DIR --out bench/out/table2-ptb [--data-dir ../shared/data]
-        [--tune-tokens N] [--grid-size small|paper] [--threads 2]
+    python bench/table2/run.py RUN_DIR --out bench/out/table2-ptb [--data-dir ../shared/data]
+        [--tune-tokens N] [--grid-size small|local|tiny|tune] [--threads 2]
 
 For one trained run: tunes mbpa+cache (which also yields the best lstm+cache and
 lstm+mbpa from the same stored columns) and dyneval+cache (which yields dyneval
@@ -22,47 +22,56 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lmadapt import runs
+from lmadapt.evaluate import build_methods, load_for_eval, save_tokens, tokens_record
+from lmadapt.methods import REGISTRY, parse_combination
+from lmadapt.mix import mix_log_probs, perplexity
+from lmadapt.report import bucket_report, plot_png, to_markdown
+from lmadapt.stream import stream_eval
+from lmadapt.tune import DEFAULT_LAMBDA_GRID, tune
 
-from lmadapt import runs  # noqa: E402
-from lmadapt.evaluate import build_methods, load_for_eval, save_tokens, tokens_record  # noqa: E402
-from lmadapt.methods import parse_combination  # noqa: E402
-from lmadapt.mix import mix_log_probs, perplexity  # noqa: E402
-from lmadapt.report import bucket_report, plot_png, to_markdown  # noqa: E402
-from lmadapt.stream import stream_eval  # noqa: E402
-from lmadapt.methods.dyneval import REFERENCE_DECAYS, REFERENCE_LRS  # noqa: E402
-from lmadapt.tune import tune  # noqa: E402
-
+# --grid-size tune is what `lmadapt tune` searches: each method's own grid (`grid_for` of
+# lmadapt.methods.REGISTRY) and tune's λ grid. The reduced grids below are this experiment's,
+# sized to a CPU budget. Dynamic evaluation always searches (a subset of) its own grid at the
+# run's segment length, so its values scale with L as the reference's --grid does.
+DYNEVAL_SUBSET = {"lr": [0, 2, 5], "decay": [1]}  # indices into dyneval's grid: η 3e-5, 5e-5, 1e-4; λ 0.002
 GRIDS = {
     # A reduced version of the paper's App. B grid that fits a CPU budget.
     "small": {
         "mbpa": {"memory": [5000], "k": [256], "steps": [1], "alpha": [0.15, 0.5, 1.0, 2.0, 4.0]},
         "cache": {"window": [500, 2000], "theta": [0.1, 0.3, 0.6]},
-        "dyneval": {"lr": [3e-5, 5e-5, 1e-4], "decay": [0.002]},  # within the reference's grid
+        "dyneval": DYNEVAL_SUBSET,
         "lambda": [0.0, 0.05, 0.1, 0.15, 0.2, 0.3],
     },
-    # After bench/mbpa_ablation.py showed that more local steps help most (small K, short
+    # After bench/mbpa_ablation/run.py showed that more local steps help most (small K, short
     # memory, large alpha; the tuned lambda then sits at the grid's low end).
     "local": {
         "mbpa": {"memory": [500, 1000, 5000], "k": [32, 256], "steps": [1], "alpha": [1.0, 3.0, 10.0]},
         "cache": {"window": [500, 2000], "theta": [0.1, 0.3, 0.6]},
-        "dyneval": {"lr": [3e-5, 5e-5, 1e-4], "decay": [0.002]},  # within the reference's grid
+        "dyneval": DYNEVAL_SUBSET,
         "lambda": [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3],
     },
     "tiny": {  # a smoke test of the script
         "mbpa": {"memory": [500], "k": [32], "steps": [1], "alpha": [0.5]},
         "cache": {"window": [500], "theta": [0.3]},
-        "dyneval": {"lr": [5e-5], "decay": [0.002]},
+        "dyneval": {"lr": [2], "decay": [1]},  # the defaults, η 5e-5, λ 0.002
         "lambda": [0.0, 0.1],
     },
-    "paper": {
-        "mbpa": {"memory": [500, 1000, 5000], "k": [256, 512], "steps": [1, 5, 10],
-                 "alpha": [0.01, 0.1, 0.15, 0.2, 0.5, 1.0]},
-        "cache": {"window": [500, 1000, 5000], "theta": [0.1, 0.3, 0.5, 1.0]},
-        "dyneval": {"lr": REFERENCE_LRS, "decay": REFERENCE_DECAYS},  # the reference code's grid
-        "lambda": [0.0, 0.05, 0.1, 0.15],
-    },
+    "tune": None,  # every method's own grid
 }
+
+
+def experiment_grid(size: str, segment: int) -> dict:
+    """The grid of --grid-size SIZE with dynamic evaluation at segment length `segment`."""
+    dyneval = REGISTRY["dyneval"].grid_for({"segment": segment})
+    if GRIDS[size] is None:
+        grid = {name: {k: list(v) for k, v in REGISTRY[name].grid_for({}).items()} for name in ("mbpa", "cache")}
+        return {**grid, "dyneval": dyneval, "lambda": list(DEFAULT_LAMBDA_GRID)}
+    grid = {k: dict(v) if isinstance(v, dict) else list(v) for k, v in GRIDS[size].items()}
+    grid["dyneval"] = {k: [dyneval[k][i] for i in idx] for k, idx in GRIDS[size]["dyneval"].items()}
+    return grid
+
+
 ORDER = ["lstm", "cache", "mbpa", "mbpa+cache", "dyneval", "dyneval+cache"]
 
 
@@ -98,12 +107,10 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, corpus, _ = load_for_eval(args.run_dir, data_dir=args.data_dir)
-    grid = {k: dict(v) if isinstance(v, dict) else v for k, v in GRIDS[args.grid_size].items()}
+    segment = args.dyneval_segment or REGISTRY["dyneval"].Params().segment
+    grid = experiment_grid(args.grid_size, segment)
     if args.dyneval_segment:
         grid["dyneval"]["segment"] = [args.dyneval_segment]
-        # the reference's rule: lr and decay scale with L / 5
-        for key in ("lr", "decay"):
-            grid["dyneval"][key] = [v * args.dyneval_segment / 5 for v in grid["dyneval"][key]]
     if args.dyneval_lrs:
         grid["dyneval"]["lr"] = [float(v) for v in args.dyneval_lrs.split(",")]
     eval_splits = args.eval_splits.split(",")

@@ -1,6 +1,6 @@
 """Training throughput of recipes' models: tokens/s of full training steps on real batches.
 
-    python bench/train_speed.py ptb-cpu ptb-gpt2-cpu --steps 12 --threads 1 --out bench/results/kv-window/train-speed.json
+    python bench/train_speed/run.py ptb-cpu ptb-gpt2-cpu --steps 12 --threads 1 --out bench/train_speed/results/recipes.json
 
 Each recipe's model (through lmadapt.backbones), optimizer, batch size, bptt and amp
 setting, on its corpus's first training batches, as lmadapt.train.fit steps them
@@ -18,13 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lmadapt import backbones, runs  # noqa: E402
-from lmadapt.config import load_recipe  # noqa: E402
-from lmadapt.corpus import load_corpus  # noqa: E402
-from lmadapt.model import count_parameters  # noqa: E402
-from lmadapt.train import _make_optimizer, autocast, batchify  # noqa: E402
+from lmadapt import backbones, runs
+from lmadapt.config import load_recipe
+from lmadapt.corpus import load_corpus
+from lmadapt.model import count_parameters
+from lmadapt.train import _make_optimizer, autocast, batchify
 
 
 def measure(recipe: str, data_dir: str, steps: int) -> dict:
