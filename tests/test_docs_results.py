@@ -75,11 +75,10 @@ def tables(text: str):
             while j < len(lines) and lines[j].lstrip().startswith("|"):
                 rows.append(split_row(lines[j]))
                 j += 1
-            before = "\n".join(lines[max(0, start - 12):start]).rstrip()
-            m = None
-            for m in COMMENT.finditer(before):
-                pass
-            source = m.group(1) if m and before.endswith("-->") else None
+            before = "\n".join(lines[:start]).rstrip()
+            opening = before.rfind("<!--")
+            m = COMMENT.fullmatch(before[opening:]) if before.endswith("-->") and opening >= 0 else None
+            source = m.group(1) if m else None  # only a results comment right above the table
             out.append((start + 1, source, split_row(lines[start]), rows))
             i = j
         else:
