@@ -1,26 +1,90 @@
-"""The bench diagnostics whose figures the README reports (bench/ is not a package)."""
+"""The bench scripts: they import against the installed package, and the pieces whose
+figures the docs report compute what they claim (bench/ is not a package)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import motif_stream, tiny_lm
+from lmadapt.methods import REGISTRY
 from lmadapt.report import frequency_buckets
+from lmadapt.tune import DEFAULT_LAMBDA_GRID
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPTS = sorted(BENCH.rglob("*.py"))
 
 
-def _load(name: str):
-    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _load(relpath: str):
+    """Import bench/RELPATH as `python bench/RELPATH` would see it (its folder first on sys.path),
+    without running its main."""
+    path = BENCH / relpath
+    name = "bench_" + relpath.replace("/", "_").removesuffix(".py")
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 
+def test_bench_is_organised_by_experiment():
+    """bench/<experiment>/ holds its scripts and results/; nothing loose at the top."""
+    assert not [p.name for p in BENCH.iterdir() if p.is_file()]
+    for folder in (p for p in BENCH.iterdir() if p.is_dir() and p.name != "out"):
+        assert [*folder.glob("*.py"), *folder.glob("*.sh")], f"bench/{folder.name} has no script"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(BENCH)))
+def test_bench_script_imports_the_installed_package(script):
+    """Every script imports cleanly and none edits sys.path to find lmadapt."""
+    assert not re.search(r"sys\.path\s*(?:\.\w+\(|\[|\+?=)", script.read_text())
+    if script.name == "run.py" and script.parent.name == "kv_window":
+        pytest.importorskip("transformers")
+    _load(str(script.relative_to(BENCH)))
+
+
+def test_table2_grids_are_the_methods_own():
+    t2 = _load("table2/run.py")
+    for segment in (5, 20):
+        dyneval = REGISTRY["dyneval"].grid_for({"segment": segment})
+        tune_grid = t2.experiment_grid("tune", segment)
+        assert tune_grid["dyneval"] == dyneval
+        assert tune_grid["lambda"] == DEFAULT_LAMBDA_GRID
+        for name in ("mbpa", "cache"):
+            assert tune_grid[name] == REGISTRY[name].grid_for({})
+        for size in ("small", "local", "tiny"):
+            grid = t2.experiment_grid(size, segment)["dyneval"]
+            assert grid["lr"] and set(grid["lr"]) <= set(dyneval["lr"])
+            assert grid["decay"] and set(grid["decay"]) <= set(dyneval["decay"])
+    assert t2.experiment_grid("small", 20)["dyneval"]["lr"] == [4 * v for v in t2.experiment_grid("small", 5)["dyneval"]["lr"]]
+
+
+def test_bucket_mass_json_is_the_recorded_printout():
+    """The committed JSON is what mass_from_log.py makes of the printout, and it matches the
+    printout's rounded table."""
+    conv = _load("hebbian/mass_from_log.py")
+    for txt in sorted((BENCH / "hebbian" / "results").glob("bucket-mass-*.txt")):
+        src = str(txt.relative_to(BENCH.parent))
+        made = conv.convert(txt.read_text(), src)
+        assert json.loads(txt.with_suffix(".json").read_text()) == made
+        table = {line.split("|")[1].strip(): [float(v) for v in line.split("|")[2:-1]]
+                 for line in txt.read_text().splitlines() if line.startswith("| ") and "bucket 1" not in line}
+        for run, r in made["runs"].items():
+            assert table[run] == [round(m, 4) for m in r["mass"]]
+            assert table["targets"] == [round(m, 4) for m in r["target_share"]]
+
+
 def test_bucket_mass_matches_report_buckets_and_a_direct_sum(one_thread):
-    bm = _load("bucket_mass")
+    bm = _load("hebbian/bucket_mass.py")
     vocab = 30
     stream = motif_stream(400, vocab)
     # train counts with distinct values, so no type ties across a bucket edge

@@ -26,14 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+RESULTS = Path(__file__).resolve().parent / "results"
 
 MIXTURES = ["knn", "cache", "knn+cache", "mbpa+cache", "knn+mbpa+cache"]
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    # children find lmadapt as this process does (the installed package, or an inherited PYTHONPATH)
+    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
 
 
 def _run_measured(cmd: list[str], log: Path) -> dict:
@@ -201,7 +201,7 @@ def main() -> None:
     ap.add_argument("--tag", required=True, help="names the datastores and result files, e.g. ptb")
     ap.add_argument("--stages", default="build,speed,tune")
     ap.add_argument("--datastores", default="/work/runs/datastores")
-    ap.add_argument("--results", default=str(ROOT / "bench" / "knn" / "results"))
+    ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ivfpq", default="auto", help="--index of the IVF-PQ build (auto picks IVF-PQ when large)")
     ap.add_argument("--speed-tokens", type=int, default=20000)

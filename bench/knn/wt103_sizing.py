@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from lmadapt import datastore, runs
 
-from lmadapt import datastore, runs  # noqa: E402
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tag", default="ptb")
     ap.add_argument("--keys", type=int, default=103_227_021, help="WikiText-103 training tokens")
-    ap.add_argument("--results", default=str(ROOT / "bench" / "knn" / "results"))
+    ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 8, 64])
     args = ap.parse_args()
     res = Path(args.results)

@@ -15,7 +15,7 @@ its time: each slab is converted back to float32 before the gather). Sums are
 float32 either way; the only error is the rounding of each stored probability
 (relative 2^-11 for float16, which has the smaller error on [0, 1] and only
 loses relative precision below 6e-5, i.e. absolute errors < 3e-8; 2^-8 for
-bfloat16); bench/bench_speed.py --store-error measures it on a real stream.
+bfloat16); bench/eval_speed/run.py --store-error measures it on a real stream.
 RMSprop/Adam steps break the low-rank structure and go through the batched
 torch.func path instead (nothing stored).
 
@@ -62,7 +62,7 @@ class MbPAParams:
 _STORE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Stream segment length the T = 1 path prefers: the (N + L) x V table is read from DRAM
 # once per segment and then served from cache, so longer segments amortise it.  Measured
-# end to end (bench/bench_speed.py RUN --skip 5000 --tokens 10000 --only mbpa --segment L,
+# end to end (bench/eval_speed/run.py RUN --skip 5000 --tokens 10000 --only mbpa --segment L,
 # V=11,847, d=200, N=5000, K=256, 1 thread, column-blocked store): L=128: 1.52k tokens/s,
 # 256: 1.62-1.75k, 512: 1.72-1.94k; before the column-blocked store 1024 was slower than 512.
 _SEGMENT = 512

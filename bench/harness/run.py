@@ -1,0 +1,72 @@
+"""WikiText-2 test through lm-evaluation-harness: `--model lmadapt` for methods x scopes
+(and lm-eval's own `--model hf` on the run's hf/ export for GPT-2 runs), one
+`lmadapt harness` process per row, wall time measured around it.
+
+    python bench/harness/run.py RUN --text /work/shared/data/wikitext-2/wiki.test.tokens \
+        --out bench/harness/results/wt2-gpt2 --methods none,cache --scopes document,stream
+
+Writes OUT/ROW/results_*.json (lm-eval's output) and OUT/summary.md; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run_row(out: Path, model: str, model_args: str, text: str, task: str, threads: int) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "lmadapt", "harness", "--task-file", text, "--model", model,
+           "--model_args", model_args, "--tasks", task, "--device", "cpu", "--output_path", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    (out / "log.txt").write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {out / 'log.txt'}")
+    (result,) = out.rglob("results_*.json")
+    res = json.loads(result.read_text())["results"][task]
+    return {"model": model, "model_args": model_args, "task": task, "wall_s": round(seconds, 1),
+            "word_perplexity": res["word_perplexity,none"], "bits_per_byte": res["bits_per_byte,none"],
+            "command": " ".join(cmd)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run")
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--task", default="lmadapt_wikitext_local_tokenized")
+    ap.add_argument("--methods", default="none,cache,mbpa+cache,dyneval")
+    ap.add_argument("--scopes", default="document,stream")
+    ap.add_argument("--extra", default="", help="more model_args for every lmadapt row, e.g. threads=1")
+    ap.add_argument("--stock", action="store_true", help="also lm-eval's --model hf on RUN/hf")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} exists and is not empty")
+    rows = []
+    if a.stock:
+        rows.append(run_row(out / "hf", "hf", f"pretrained={Path(a.run) / 'hf'}", a.text, a.task, a.threads))
+    for method in a.methods.split(","):
+        for scope in a.scopes.split(","):
+            args = f"run={a.run},method={method},scope={scope}" + (f",{a.extra}" if a.extra else "")
+            rows.append(run_row(out / f"{method}-{scope}", "lmadapt", args, a.text, a.task, a.threads))
+            print(rows[-1], flush=True)
+    lines = ["| model | model_args | word_perplexity | bits_per_byte | wall s |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['model']} | `{r['model_args']}` | {r['word_perplexity']:.4f} | {r['bits_per_byte']:.4f} | "
+              f"{r['wall_s']} |" for r in rows]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
