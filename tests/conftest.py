@@ -65,6 +65,20 @@ def motif_stream(n: int, vocab: int = 30, seed: int = 1) -> torch.Tensor:
     return torch.where(torch.rand(n, generator=g) < 0.7, motif.repeat(n // 23 + 1)[:n], noise)
 
 
+class TrainSplit:
+    """A stand-in corpus that holds only a training stream: what dyneval's statistics and a
+    knn datastore read from a corpus."""
+
+    name = "motif"
+
+    def __init__(self, train: torch.Tensor):
+        self.train = train
+
+    def split(self, name):
+        assert name == "train", f"read the {name} split"
+        return self.train
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tiny-tensor tests on one thread, whatever an in-process `--threads` set."""

@@ -25,6 +25,7 @@ from lmadapt.methods.mbpa import MbPA, MbPAParams  # noqa: E402
 from lmadapt.stream import stream_eval  # noqa: E402
 from lmadapt.train import fit  # noqa: E402
 
+from conftest import TrainSplit as _Corpus  # noqa: E402
 from conftest import motif_stream, tiny_config  # noqa: E402
 
 CONTEXT, KEEP = 16, 5
@@ -52,11 +53,6 @@ def tiny_llama(vocab=30, seed=0, context=CONTEXT, keep=KEEP):
 
 
 BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
-
-
-class _Corpus:
-    def __init__(self, train):
-        self.train = train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -25,6 +25,7 @@ from lmadapt.methods import REGISTRY, combination_name
 from lmadapt.methods import dyneval as dyneval_module
 from lmadapt.stream import stream_eval
 
+from conftest import TrainSplit as _Corpus
 from conftest import motif_stream, tiny_lm
 
 V = 10          # vocabulary of the tiny model: check 2 runs the stream once per value
@@ -54,17 +55,6 @@ def _cases():
                 params = {n: (setting if n == name else opts[0]) for n, opts in zip(names, options)}
                 cases.append(pytest.param(names, params, id=f"{combination_name(names)}-{i}.{j}"))
     return cases
-
-
-class _Corpus:
-    name = "motif"
-
-    def __init__(self, train):
-        self.train = train
-
-    def split(self, name):
-        assert name == "train"
-        return self.train
 
 
 @pytest.fixture(scope="module")
