@@ -88,7 +88,7 @@ def test_a_second_writer_is_refused_while_the_first_trains(tmp_path, capsys):
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # A real first process, on a time budget it cannot reach by epochs. It is held stopped
     # (SIGSTOP) while the others knock, so it is still running however slow this machine is.
-    args = _train_args(corpus, out, "--set", "train.epochs=400", "--set", "train.max_minutes=0.05")
+    args = _train_args(corpus, out, "--set", "train.epochs=400", "--set", "train.max_minutes=0.03")
     first = subprocess.Popen([sys.executable, "-m", "lmadapt", *args], env=env, cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
