@@ -151,9 +151,8 @@ def torchrun(*args, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def _rank_main(rank: int, world: int, port: int, argv: list) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _cli_and_exit(env: dict, argv: list) -> None:
+    os.environ.update(env)
     code = 1
     try:
         result = cli(*argv)
@@ -168,17 +167,24 @@ def _rank_main(rank: int, world: int, port: int, argv: list) -> None:
         os._exit(code)  # not pytest's exit handlers: this is a copy of the test process
 
 
-def forked_ranks(*argv, world: int = 2, timeout: int = 300) -> list:
-    """`lmadapt ARGV` as the `world` ranks of one gloo group, in forked copies of this process:
-    the environment torchrun gives its workers, without a fresh interpreter importing torch
-    (and transformers) in each. Returns the exit codes. test_train.py keeps the real torchrun."""
+def forked_cli(*argv, env: dict | None = None):
+    """`lmadapt ARGV` in a forked copy of this process, started: another process (its own PID,
+    locks and signals) without a fresh interpreter importing torch. Exit status in .exitcode."""
     import multiprocessing
 
+    proc = multiprocessing.get_context("fork").Process(target=_cli_and_exit, args=(env or {}, list(argv)))
+    proc.start()
+    return proc
+
+
+def forked_ranks(*argv, world: int = 2, timeout: int = 300) -> list:
+    """`lmadapt ARGV` as the `world` ranks of one gloo group, in forked copies of this process,
+    with the environment torchrun gives its workers. Returns the exit codes.
+    test_train.py keeps a real torchrun."""
     port = free_port()
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_rank_main, args=(rank, world, port, list(argv))) for rank in range(world)]
-    for p in procs:
-        p.start()
+    procs = [forked_cli(*argv, env=dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                                        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for rank in range(world)]
     for p in procs:
         p.join(timeout)
     for p in procs:

@@ -14,8 +14,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -29,12 +27,9 @@ from lmadapt.methods import REGISTRY
 from lmadapt.model import LMConfig
 
 from conftest import cli as _cli
-from conftest import copy_run, write_markov_corpus
+from conftest import copy_run, forked_cli, write_markov_corpus
 from conftest import one_line_error as _one_line_error
 from conftest import train_args as _train_args
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
@@ -82,15 +77,12 @@ def test_force_keeps_the_old_run_when_the_new_one_dies_before_its_first_checkpoi
 # --------------------------------------------------------------------------- lock
 
 
-def test_a_second_writer_is_refused_while_the_first_trains(tmp_path, capsys):
+def test_a_second_writer_is_refused_while_the_first_trains(tmp_path, capfd):
     corpus = write_markov_corpus(tmp_path / "corpus", lines=(60, 10, 10))
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    # A real first process, on a time budget it cannot reach by epochs. It is held stopped
+    # A first process, on a time budget it cannot reach by epochs. It is held stopped
     # (SIGSTOP) while the others knock, so it is still running however slow this machine is.
-    args = _train_args(corpus, out, "--set", "train.epochs=400", "--set", "train.max_minutes=0.03")
-    first = subprocess.Popen([sys.executable, "-m", "lmadapt", *args], env=env, cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = forked_cli(*_train_args(corpus, out, "--set", "train.epochs=400", "--set", "train.max_minutes=0.03"))
     try:
         pid_file = out / (runs.LOCK + ".pid")
         deadline = time.time() + 120
@@ -98,26 +90,27 @@ def test_a_second_writer_is_refused_while_the_first_trains(tmp_path, capsys):
             return pid_file.exists() and pid_file.read_text().strip() and (out / runs.BEST).exists()
 
         while not started() and time.time() < deadline:
-            assert first.poll() is None, first.communicate()
+            assert first.is_alive(), capfd.readouterr().err
             time.sleep(0.02)
-        first.send_signal(signal.SIGSTOP)
-        assert first.poll() is None, "the first process ended before the others could knock"
+        os.kill(first.pid, signal.SIGSTOP)
+        assert first.is_alive(), "the first process ended before the others could knock"
         assert pid_file.read_text().strip() == str(first.pid)
+        capfd.readouterr()  # what it printed so far (it shares this test's stderr)
         # Second writers: a resume, a --force restart, an eval writing into the run.
         assert _cli("train", "--out", out, "--resume") == 2
-        assert f"PID {first.pid}" in _one_line_error(capsys)
+        assert f"PID {first.pid}" in _one_line_error(capfd)
         assert _cli(*_train_args(corpus, out, "--force")) == 2
-        assert f"in use by another lmadapt process (PID {first.pid})" in _one_line_error(capsys)
+        assert f"in use by another lmadapt process (PID {first.pid})" in _one_line_error(capfd)
         assert _cli("eval", out, "--json", out / "eval.json") == 2
-        assert f"PID {first.pid}" in _one_line_error(capsys)
-        first.send_signal(signal.SIGCONT)
-        stdout, stderr = first.communicate(timeout=300)
+        assert f"PID {first.pid}" in _one_line_error(capfd)
+        os.kill(first.pid, signal.SIGCONT)
+        first.join(300)
     finally:
-        if first.poll() is None:
-            first.send_signal(signal.SIGCONT)
+        if first.is_alive():
+            os.kill(first.pid, signal.SIGCONT)
             first.kill()
-            first.wait()
-    assert first.returncode == 0, stderr
+            first.join()
+    assert first.exitcode == 0, capfd.readouterr().err
     results = json.loads((out / runs.RESULTS).read_text())
     assert math.isfinite(results["test_ppl"]) and results["stopped_because"] == "time budget"
     assert not (out / (runs.LOCK + ".pid")).exists()
