@@ -42,6 +42,20 @@ def offline(monkeypatch, tmp_path):
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def our_tasks_only(monkeypatch):
+    """lm-eval's CLI indexes its own thousands of task files on every run (seconds each time);
+    the runs here use only lmadapt's tasks."""
+    from lm_eval.tasks import TaskManager
+
+    real = TaskManager.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **{**kwargs, "include_defaults": False})
+
+    monkeypatch.setattr(TaskManager, "__init__", init)
+
+
 def _page(i: int, lines: list[str]) -> str:
     return f" = Doc {i} = \n" + "\n".join(lines) + "\n"
 
@@ -178,7 +192,7 @@ def test_carry_context_in_stream_scope_carries_the_lstm_state(runs):
 # ------------------------------------------------------------------ CLI, tasks, errors
 
 
-def test_cli_runs_the_harness_and_records_the_scope(runs, tmp_path, capsys):
+def test_cli_runs_the_harness_and_records_the_scope(runs, tmp_path, capsys, our_tasks_only):
     out = tmp_path / "out"
     code = main(["harness", "--task-file", str(runs.docs), "--model", "lmadapt", "--model_args",
                  f"run={runs.lstm},method=cache,scope=stream,lambda_cache=0.2,cache_window=100",
@@ -210,7 +224,7 @@ def test_bad_model_args_are_refused(runs, args, message):
         LmadaptLM.create_from_arg_string(f"run={runs.lstm},{args}", {"batch_size": 1, "device": "cpu"})
 
 
-def test_bad_model_args_are_a_one_line_error_from_the_cli(runs, capsys):
+def test_bad_model_args_are_a_one_line_error_from_the_cli(runs, capsys, our_tasks_only):
     code = main(["harness", "--task-file", str(runs.docs), "--model", "lmadapt", "--model_args",
                  f"run={runs.lstm},colour=blue", "--tasks", "lmadapt_wikitext_local", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
