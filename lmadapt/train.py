@@ -8,6 +8,7 @@ The test-time adaptation methods live in the streaming evaluator instead.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -222,6 +223,11 @@ class Dist:
 
     def close(self):
         if self.enabled and dist.is_initialized():
+            # A DistributedDataParallel wrapper sits in a reference cycle and holds the process
+            # group: left to the interpreter's final collection, gloo's threads are torn down
+            # during shutdown and the process can abort after a finished run. Callers drop
+            # their wrapper first; collecting here frees it while the group is still whole.
+            gc.collect()
             dist.destroy_process_group()
 
 
@@ -458,6 +464,7 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
 
             if interrupt_after_steps is not None and steps_this_call >= interrupt_after_steps:
                 bar.close()
+                del train_model  # see Dist.close
                 ddp.close()
                 return None  # simulated kill: no checkpoint beyond the last periodic one
 
@@ -492,6 +499,7 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
     if ddp.main:
         results = final_results(run_dir, cfg, corpus, model, prog, device)
     ddp.barrier()
+    del train_model  # see Dist.close
     ddp.close()
     return results
 

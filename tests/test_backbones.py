@@ -25,6 +25,7 @@ from lmadapt.methods.mbpa import MbPA, MbPAParams  # noqa: E402
 from lmadapt.stream import stream_eval  # noqa: E402
 from lmadapt.train import fit  # noqa: E402
 
+from conftest import TrainSplit as _Corpus  # noqa: E402
 from conftest import motif_stream, tiny_config  # noqa: E402
 
 CONTEXT, KEEP = 16, 5
@@ -54,17 +55,7 @@ def tiny_llama(vocab=30, seed=0, context=CONTEXT, keep=KEEP):
 BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 
 
-class _Corpus:
-    def __init__(self, train):
-        self.train = train
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -182,7 +173,8 @@ def gpt2_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("gpt2run")
     corpus_dir = write_markov_corpus(root / "corpus", lines=(150, 30, 30))
-    cfg = tiny_config(corpus_dir, GPT2_SETTINGS + ["train.eval_interval=0", "train.epochs=3"])
+    cfg = tiny_config(corpus_dir, GPT2_SETTINGS + ["train.eval_interval=0", "train.epochs=3",
+                                                   "train.checkpoint_interval=1000"])
     results = fit(root / "run", cfg, load_corpus(cfg.data.name))
     return root, corpus_dir, cfg, results
 
@@ -387,30 +379,13 @@ def test_tune_on_an_hf_model_and_a_text(tmp_path):
 
 @pytest.mark.slow
 def test_gpt2_ddp_two_processes_gloo_match_one_process(tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    from conftest import TINY_SETTINGS, write_markov_corpus
+    from conftest import forked_ranks, train_args, write_markov_corpus
 
     corpus_dir = write_markov_corpus(tmp_path / "corpus", lines=(60, 10, 10))
-    settings = TINY_SETTINGS + GPT2_SETTINGS + ["model.dropout=0", "train.epochs=1"]
-
-    def args(out):
-        a = ["train", "--data", str(corpus_dir), "--out", str(out), "--threads", "1"]
-        for s in settings:
-            a += ["--set", s]
-        return a
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "lmadapt"] + args(tmp_path / "ddp")
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert main(args(tmp_path / "single")) == 0
+    settings = [a for s in GPT2_SETTINGS + ["model.dropout=0"] for a in ("--set", s)]
+    # One process first: the ranks, forked after it, inherit what its first run imported.
+    assert main(train_args(corpus_dir, tmp_path / "single", *settings)) == 0
+    assert forked_ranks(*train_args(corpus_dir, tmp_path / "ddp", *settings)) == [0, 0]
     a = torch.load(tmp_path / "ddp" / runs.BEST, weights_only=True)
     b = torch.load(tmp_path / "single" / runs.BEST, weights_only=True)
     for k in a:

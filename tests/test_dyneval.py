@@ -14,14 +14,10 @@ from lmadapt.methods import dyneval as dyneval_module
 from lmadapt.methods.dyneval import DynamicEvaluation, DynEvalParams, REFERENCE_DECAYS, REFERENCE_LRS
 from lmadapt.stream import stream_eval
 
+from conftest import TrainSplit as _Corpus
 from conftest import motif_stream, tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class _Corpus:
-    def __init__(self, train):
-        self.train = train
 
 
 @pytest.fixture(autouse=True)

@@ -7,26 +7,16 @@ import json
 import pytest
 import torch
 
-from lmadapt.cli import main
-from lmadapt.corpus import load_corpus
 from lmadapt.evaluate import load_tokens
 from lmadapt.report import bucket_report, frequency_buckets, method_log_probs
-from lmadapt.train import fit
 
-from conftest import tiny_config, write_markov_corpus
+from conftest import cli as _cli
+from conftest import write_markov_corpus
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evalrun")
-    corpus_dir = write_markov_corpus(root / "corpus", lines=(200, 40, 40))
-    cfg = tiny_config(corpus_dir, ["train.epochs=1"])
-    results = fit(root / "run", cfg, load_corpus(cfg.data.name))
-    return root, corpus_dir, results
-
-
-def _cli(*args) -> int:
-    return main([str(a) for a in args])
+def trained(tiny_run):
+    return tiny_run.root, tiny_run.corpus, tiny_run.results
 
 
 def test_eval_writes_table_json_and_tokens(trained, tmp_path, capsys):

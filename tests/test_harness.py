@@ -42,6 +42,20 @@ def offline(monkeypatch, tmp_path):
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def our_tasks_only(monkeypatch):
+    """lm-eval's CLI indexes its own thousands of task files on every run (seconds each time);
+    the runs here use only lmadapt's tasks."""
+    from lm_eval.tasks import TaskManager
+
+    real = TaskManager.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **{**kwargs, "include_defaults": False})
+
+    monkeypatch.setattr(TaskManager, "__init__", init)
+
+
 def _page(i: int, lines: list[str]) -> str:
     return f" = Doc {i} = \n" + "\n".join(lines) + "\n"
 
@@ -53,8 +67,10 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("harness")
     corpus_dir = write_markov_corpus(root / "corpus", lines=(150, 30, 30))
-    fit(root / "gpt2", tiny_config(corpus_dir, GPT2), load_corpus(str(corpus_dir)))
-    fit(root / "lstm", tiny_config(corpus_dir, ["train.epochs=1", "train.eval_interval=0"]), load_corpus(str(corpus_dir)))
+    no_periodic = ["train.checkpoint_interval=1000"]  # nothing here resumes
+    fit(root / "gpt2", tiny_config(corpus_dir, GPT2 + no_periodic), load_corpus(str(corpus_dir)))
+    fit(root / "lstm", tiny_config(corpus_dir, ["train.epochs=1", "train.eval_interval=0", *no_periodic]),
+        load_corpus(str(corpus_dir)))
     lines = (corpus_dir / "test.txt").read_text().splitlines()
     pages = [_page(1, lines[:3]), _page(2, lines[3:10]), _page(3, lines[10:14])]
     (root / "docs.txt").write_text("".join(pages))
@@ -68,7 +84,8 @@ def harness_results(model: str, model_args: str, tasks: list[str], task_file: Pa
 
     from lmadapt.harness import TASK_DIR
 
-    tm = TaskManager(include_path=str(TASK_DIR), metadata={"task_file": str(task_file)})
+    # Our tasks only: indexing lm-eval's own thousands of task files takes seconds per call.
+    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={"task_file": str(task_file)})
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, task_manager=tm,
                                    device="cpu", batch_size=1, **kw)
 
@@ -195,7 +212,7 @@ def test_carry_context_in_stream_scope_carries_the_lstm_state(runs):
 # ------------------------------------------------------------------ CLI, tasks, errors
 
 
-def test_cli_runs_the_harness_and_records_the_scope(runs, tmp_path, capsys):
+def test_cli_runs_the_harness_and_records_the_scope(runs, tmp_path, capsys, our_tasks_only):
     out = tmp_path / "out"
     code = main(["harness", "--task-file", str(runs.docs), "--model", "lmadapt", "--model_args",
                  f"run={runs.lstm},method=cache,scope=stream,lambda_cache=0.2,cache_window=100",
@@ -218,11 +235,21 @@ def test_cli_runs_the_harness_and_records_the_scope(runs, tmp_path, capsys):
     ("method=cache,lambda_cache=1.5", "lambda"),
     ("colour=blue", "unknown lmadapt model_args colour"),
 ])
-def test_bad_model_args_are_one_line_errors(runs, tmp_path, capsys, args, message):
+def test_bad_model_args_are_refused(runs, args, message):
+    from lmadapt.errors import LmadaptError
+    from lmadapt.harness import LmadaptLM
+
+    # as lm-eval builds the model from --model_args
+    with pytest.raises(LmadaptError, match=message):
+        LmadaptLM.create_from_arg_string(f"run={runs.lstm},{args}", {"batch_size": 1, "device": "cpu"})
+
+
+def test_bad_model_args_are_a_one_line_error_from_the_cli(runs, capsys, our_tasks_only):
     code = main(["harness", "--task-file", str(runs.docs), "--model", "lmadapt", "--model_args",
-                 f"run={runs.lstm},{args}", "--tasks", "lmadapt_wikitext_local", "--device", "cpu"])
+                 f"run={runs.lstm},colour=blue", "--tasks", "lmadapt_wikitext_local", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("lmadapt: error:") and message in err[-1]
+    assert code == 2 and err[-1] == ("lmadapt: error: unknown lmadapt model_args colour; see `lmadapt harness "
+                                     "--help` and docs/harness.md")
 
 
 def test_generation_is_refused(runs):

@@ -4,17 +4,12 @@ a brute-force numpy reference."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from lmadapt import datastore, runs
-from lmadapt.cli import main
 from lmadapt.corpus import load_corpus
 from lmadapt.datastore import Datastore, Layout
 from lmadapt.errors import LmadaptError
@@ -25,7 +20,8 @@ from lmadapt.model import LSTMLM
 from lmadapt.stream import stream_eval
 from lmadapt.train import write_run_metadata
 
-from conftest import tiny_config, write_markov_corpus
+from conftest import cli as _cli
+from conftest import forked_ranks, tiny_config, write_markov_corpus
 
 # Small rows and parts so the tiny corpus (~5k keys) has several parts to resume and shard.
 LAYOUT = Layout(row=300, warmup=50, rows_per_part=3)
@@ -61,10 +57,6 @@ def setup(tmp_path_factory, one_thread):
     datastore.build(run_dir, pq, model=model, corpus=corpus, index=PQ, layout=LAYOUT, log=lambda m: None)
     return {"root": root, "corpus_dir": corpus_dir, "run": run_dir, "model": model, "corpus": corpus,
             "flat": flat, "pq": pq}
-
-
-def _cli(*args) -> int:
-    return main([str(a) for a in args])
 
 
 def _hidden(model, stream):
@@ -193,6 +185,7 @@ def test_cli_eval_knn_with_every_other_method_in_one_run(setup, tmp_path):
     rep = json.loads(out.read_text())
     entry = rep["methods"]["dyneval+knn+mbpa+cache"]
     assert entry["params"]["knn"]["recompute"] is True and entry["params"]["knn"]["nprobe"] == 4
+    assert entry["params"]["knn"]["k"] == 16 and entry["params"]["mbpa"]["memory"] == 50
     assert entry["lambdas"]["knn"] == 0.2
     assert {"dyneval+knn+cache", "dyneval+knn+mbpa", "dyneval+mbpa+cache"} <= set(rep["mixtures_from_same_pass"])
 
@@ -225,6 +218,8 @@ def test_eval_refuses_a_datastore_of_the_evaluated_split(setup, capsys):
     # tune too: tuning on the datastore's own split would pick settings that read the answers
     assert _cli("tune", setup["run"], "--split", "train", "--method", "knn", "--datastore", setup["flat"],
                 "--out", setup["root"] / "never.json") == 2
+    assert "split being evaluated" in capsys.readouterr().err
+    assert not (setup["root"] / "never.json").exists()
 
 
 def test_knn_without_a_datastore_is_refused(setup, capsys):
@@ -286,22 +281,13 @@ def test_killed_build_never_looks_complete_and_resumes_to_the_same_datastore(set
     assert Datastore(out).manifest["index"]["type"] == "flat"
 
 
-# --------------------------------------------------------------------------- torchrun
+# --------------------------------------------------------------------------- two processes
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_build_equals_one_process_build(setup, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def test_two_process_build_equals_one_process_build(setup, tmp_path, capfd):
+    # The ranks torchrun would start (test_train.py runs torchrun itself), forked from here.
     common = ["datastore", "build", str(setup["run"]), "--index", PQ, "--threads", "1", *LAYOUT_ARGS]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "lmadapt", *common, "--out", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "over 2 processes" in proc.stderr
+    assert forked_ranks(*common, "--out", str(tmp_path / "two")) == [0, 0]
+    assert "over 2 processes" in capfd.readouterr().err
     two, one = Datastore(tmp_path / "two"), Datastore(setup["pq"])
     assert two.manifest["world_size"] == 2 and one.manifest["world_size"] == 1
     np.testing.assert_array_equal(two.keys[:], one.keys[:])
@@ -390,3 +376,4 @@ def test_mbpa_source_needs_a_datastore(setup, capsys):
     assert _cli("eval", setup["run"], "--method", "mbpa", "--mbpa-source", "datastore") == 2
     assert "--datastore" in capsys.readouterr().err
     assert _cli("eval", setup["run"], "--method", "mbpa", "--mbpa-source", "train") == 2
+    assert "source must be one of stream, datastore, both" in capsys.readouterr().err

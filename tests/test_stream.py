@@ -15,13 +15,9 @@ from lmadapt.methods.dyneval import DynamicEvaluation, DynEvalParams
 from lmadapt.methods.mbpa import MbPA, MbPAParams
 from lmadapt.mix import check_lambdas, mix_log_probs
 
+from conftest import TrainSplit as _Corpus
 from conftest import motif_stream, tiny_lm
 from lmadapt.stream import stream_eval
-
-
-class _Corpus:
-    def __init__(self, train):
-        self.train = train
 
 
 def _methods():

@@ -8,28 +8,19 @@ import json
 import pytest
 
 import lmadapt.tune as tune_module
-from lmadapt.cli import main
 from lmadapt.corpus import load_corpus
 from lmadapt.methods import NeuralCache
 from lmadapt.mix import perplexity
 from lmadapt.stream import stream_eval
 from lmadapt.checkpoint import load_model
-from lmadapt.train import fit
 
-from conftest import tiny_config, write_markov_corpus
-
-
-def _cli(*args) -> int:
-    return main([str(a) for a in args])
+from conftest import cli as _cli
+from conftest import write_markov_corpus
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tunerun")
-    corpus_dir = write_markov_corpus(root / "corpus", lines=(200, 60, 40))
-    cfg = tiny_config(corpus_dir, ["train.epochs=1"])
-    fit(root / "run", cfg, load_corpus(cfg.data.name))
-    return root / "run"
+def run(tiny_run):
+    return tiny_run.run
 
 
 class _Guard:
