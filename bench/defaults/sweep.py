@@ -91,9 +91,13 @@ def main(argv=None) -> int:
     for name in args.methods.split(","):
         cls = REGISTRY[name]
         presets = [dict(p) for p in getattr(cls, "PRESETS", {}).values()]
-        defaults = {k: getattr(cls.Params(), k) for k in cls.grid_for({})}
+        # The defaults and presets are run too, with any axis narrowed to one value held at it
+        # (e.g. --grid dyneval.max_batches=200 applies to every dyneval pass).
+        axes = {**cls.grid_for({}), **overrides.get(name, {})}
+        fixed = {k: v[0] for k, v in overrides.get(name, {}).items() if len(v) == 1}
+        defaults = {k: fixed.get(k, getattr(cls.Params(), k)) for k in axes}
         rows = report["methods"].setdefault(name, {})
-        extra = [defaults, *[{k: p.get(k, defaults[k]) for k in defaults} for p in presets]]
+        extra = [defaults, *[{k: fixed.get(k, p.get(k, defaults[k])) for k in defaults} for p in presets]]
         for setting in settings_of(cls, extra, overrides.get(name, {})):
             key = key_of(setting)
             if key in rows:
