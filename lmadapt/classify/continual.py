@@ -165,7 +165,7 @@ class Curves(Plugin):
     images of every task seen so far (all of them after the last task)."""
 
     def __init__(self, tasks: Tasks, base: str, writers: dict[int, MbPA], mbpa_name: str, log):
-        self.tasks, self.base, self.writers, self.log = tasks, base, writers, log
+        self.tasks, self.base, self.log = tasks, base, log
         self.names = {base: None, **{f"{mbpa_name}@{m}": w for m, w in writers.items()}}
         self.curves = {k: [] for k in self.names}
         self.seconds = {k: 0.0 for k in self.names}
