@@ -142,3 +142,107 @@ def numbers(text: str, flag: str, kind: type = float, rng: Range | None = None) 
         raise LmadaptError(f"{flag} is empty")
     convert = to_int if kind is int else to_float
     return tuple(check_number(flag, convert(v, flag), rng) for v in parts)
+
+
+def to_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise LmadaptError(f"{name} expects true or false, got {value!r}")
+
+
+def parse_value(value: Any, kind: type, name: str, rng: Range | None = None, choices=None, many: bool = False):
+    """A setting of type `kind` (bool, int, float or str) from text or a number, checked
+    against `rng` (numbers) or `choices` (text); `many`: a comma-separated list of them."""
+    if many:
+        parts = list(value) if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",")]
+        parts = [v for v in parts if v != ""]
+        if not parts:
+            raise LmadaptError(f"{name} is empty")
+        return tuple(parse_value(v, kind, name, rng, choices) for v in parts)
+    if kind is bool:
+        return to_bool(value, name)
+    if kind is int or kind is float:
+        if isinstance(value, bool):
+            raise LmadaptError(f"{name} expects a number, got {value!r}")
+        return check_number(name, (to_int if kind is int else to_float)(value, name), rng)
+    text = str(value)
+    if choices and text not in choices:
+        raise LmadaptError(f"{name} must be one of {', '.join(choices)}, got {text!r}")
+    return text
+
+
+def field_kind(f: dataclasses.Field) -> tuple[type | None, bool]:
+    """(bool | int | float | str, is a tuple of them) from a dataclass field's annotation;
+    (None, False) for any other type (e.g. a nested dataclass)."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    t = t.replace(" ", "")
+    many = t.startswith("tuple[") and t.endswith(",...]")
+    base = t[len("tuple["):-len(",...]")] if many else t
+    kind = {"bool": bool, "int": int, "float": float, "str": str}.get(base)
+    return kind, many and kind is not None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def flag_name(prefix: str, name: str) -> str:
+    return f"{prefix}{name.replace('_', '-')}"
+
+
+def add_flags(parser, cls: type, key: str, *, prefix: str = "--", only=None, defaults=None) -> None:
+    """A flag `PREFIX-FIELD` for each plain field of dataclass `cls` (or those in `only`).
+
+    Values stay text until `read_flags` parses them (one parser, `parse_value`, with the
+    field's type, its class's `RANGES` and `CHOICES`), so a bad value is an LmadaptError
+    naming the flag.  A tuple field takes a comma-separated list.  A boolean field takes
+    an optional true/false (the bare flag means true); one that defaults to true also
+    gets `--no-FIELD`.  `defaults`: an instance whose values the help text shows; the
+    class's `HELP` (name -> text) describes a field.
+    """
+    choices, helps = getattr(cls, "CHOICES", {}), getattr(cls, "HELP", {})
+    for f in dataclasses.fields(cls):
+        kind, many = field_kind(f)
+        if kind is None or (only is not None and f.name not in only):
+            continue
+        default = getattr(defaults, f.name) if defaults is not None else _default(f)
+        flag, dest = flag_name(prefix, f.name), f"{key}__{f.name}"
+        shown = ",".join(map(str, default)) if many else default
+        extra = f"; one of {', '.join(choices[f.name])}" if f.name in choices else ""
+        text = f"{helps[f.name]} " if f.name in helps else ""
+        if kind is bool:
+            parser.add_argument(flag, dest=dest, nargs="?", const="true", default=None, metavar="BOOL",
+                                help=f"{text}(default {str(default).lower()})")
+            if default:
+                parser.add_argument(flag_name(prefix, "no_" + f.name), dest=dest, action="store_const", const="false",
+                                    help=f"the same as {flag} false")
+        else:
+            metavar = (kind.__name__.upper() + ",...") if many else kind.__name__.upper()
+            parser.add_argument(flag, dest=dest, default=None, metavar=metavar, help=f"{text}(default {shown}{extra})")
+
+
+def read_flags(args, cls: type, key: str, base, *, prefix: str = "--"):
+    """`base` (an instance of `cls`) with the values given to the flags of `add_flags`."""
+    ranges, choices = getattr(cls, "RANGES", {}), getattr(cls, "CHOICES", {})
+    values = {}
+    for f in dataclasses.fields(cls):
+        text = getattr(args, f"{key}__{f.name}", None)
+        if text is None:
+            continue
+        kind, many = field_kind(f)
+        values[f.name] = parse_value(text, kind, flag_name(prefix, f.name), ranges.get(f.name), choices.get(f.name), many)
+    return dataclasses.replace(base, **values)
+
+
+def check_choices(obj: Any, prefix: str) -> None:
+    """Each text field of a dataclass instance (or each item of a tuple one) in its class's CHOICES."""
+    for name, allowed in getattr(type(obj), "CHOICES", {}).items():
+        value = getattr(obj, name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if v not in allowed:
+                raise LmadaptError(f"{flag_name(prefix, name)} must be one of {', '.join(allowed)}, got {v!r}")

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from lmadapt.classify.core import MbPAConfig, MLPConfig, build_mlp, predict
+from lmadapt.classify.models import MLPConfig, build
+from lmadapt.classify.predict import ClassifierMbPA, predict
 from lmadapt.memory import EpisodicMemory
 
 
@@ -27,16 +28,16 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.json} exists (not overwritten)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    net = build_mlp(MLPConfig(784, (100, 100), 10)).eval()
+    net = build(MLPConfig(784, (100, 100), 10)).eval()
     rows = []
     for n_mem in (2000, 20000):
         mem = EpisodicMemory(n_mem, 784)
         mem.add(torch.rand(n_mem, 784), torch.randint(0, 10, (n_mem,)))
         q = torch.rand(2000, 784)
         for steps in (0, 1, 5, 10):
-            cfg = MbPAConfig(k=32, alpha=0.1, steps=steps)
+            cfg = ClassifierMbPA(k=32, alpha=0.1, steps=steps)
             t = time.time()
-            predict(("mbpa",), torch.nn.Identity(), net, mem, q, cfg)
+            predict(net, mem, q, "mbpa", cfg)
             rows.append({"memory": n_mem, "steps": steps, "queries_per_second": 2000 / (time.time() - t)})
             print(f"memory {n_mem} T={steps}: {rows[-1]['queries_per_second']:.0f} queries/s", flush=True)
     if args.json:

@@ -26,21 +26,28 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import ClassVar
 
 import torch
 from tqdm import tqdm
 
-from lmadapt.classify.core import EWC, MbPAConfig, MLPConfig, build_mlp, jsonable, predict, predict_many, train_epochs
+from lmadapt.classify.loop import Plugin, Task, minibatches, train
 from lmadapt.classify.mnist import MNIST, train_pool_size
+from lmadapt.classify.models import MLPConfig, build
+from lmadapt.classify.plugins import EWC, MbPA
+from lmadapt.classify.predict import ClassifierMbPA, predict, predict_many
 from lmadapt.errors import LmadaptError
 from lmadapt.memory import EpisodicMemory
+from lmadapt.params import NON_NEGATIVE, POSITIVE, at_least, check_choices, check_fields
 
 METHODS = ("mlp", "ewc", "mbpa", "mbpa+ewc")
+MBPA_FLAGS = tuple(f for f in ClassifierMbPA.FIELDS if f != "mixture_lambda")  # no mixture here
 
 
 @dataclass
 class ContinualConfig:
+    methods: tuple[str, ...] = METHODS
     tasks: int = 20
     examples_per_task: int = 10000
     epochs_per_task: int = 2
@@ -58,26 +65,31 @@ class ContinualConfig:
     ewc_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)  # measured optimum 1 (README)
     alpha_grid: tuple[float, ...] = (0.05, 0.1, 0.2, 0.5, 1.0)
     steps_grid: tuple[int, ...] = (1, 5, 10)
-    mbpa: MbPAConfig = None  # type: ignore[assignment]
+    mbpa: ClassifierMbPA = field(default_factory=lambda: ClassifierMbPA(k=32, alpha=0.1, steps=5))
+
+    RANGES: ClassVar[dict] = {
+        "tasks": at_least(1), "examples_per_task": at_least(1), "epochs_per_task": at_least(1),
+        "batch_size": at_least(1), "lr": POSITIVE, "hidden": at_least(1), "memory_per_task": at_least(1),
+        "ewc_lambda": NON_NEGATIVE, "ewc_fisher_samples": at_least(1), "test_per_task": at_least(1),
+        "curve_test_per_task": at_least(1), "valid_per_task": at_least(1), "seed": NON_NEGATIVE,
+        "ewc_grid": NON_NEGATIVE, "alpha_grid": ClassifierMbPA.RANGES["alpha"],
+        "steps_grid": ClassifierMbPA.RANGES["steps"]}
+    CHOICES: ClassVar[dict] = {"methods": METHODS}
+    HELP: ClassVar[dict] = {
+        "methods": "what to run", "memory_per_task": "MbPA memory sizes (examples per task)",
+        "hidden": "hidden layer sizes of the MLP", "test_per_task": "test images per task after the last task",
+        "curve_test_per_task": "test images per task for the curve points before the last task",
+        "ewc_lambda": "EWC penalty weight (with --no-tune)", "ewc_grid": "EWC penalty weights to try",
+        "tune": "grid searches on validation images; --no-tune uses the flags' values",
+        "alpha_grid": "MbPA local learning rates to try", "steps_grid": "MbPA step counts T to try"}
 
     def __post_init__(self):
-        if self.mbpa is None:
-            self.mbpa = MbPAConfig(k=32, alpha=0.1, steps=5)
-        if self.tasks < 1:
-            raise LmadaptError("--tasks must be at least 1")
-        if any(m < 1 for m in self.memory_per_task):
-            raise LmadaptError(f"--memory-per-task sizes must be >= 1, got {list(self.memory_per_task)}")
-        if self.examples_per_task < 1:
-            raise LmadaptError("--examples-per-task must be at least 1")
-
-
-def check_methods(methods) -> tuple[str, ...]:
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise LmadaptError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
-    if not methods:
-        raise LmadaptError("--methods is empty")
-    return tuple(methods)
+        check_fields(self, "--")
+        check_choices(self, "--")
+        check_fields(self.mbpa, "--mbpa-")
+        check_choices(self.mbpa, "--mbpa-")
+        if not self.methods:
+            raise LmadaptError("--methods is empty")
 
 
 class Tasks:
@@ -109,36 +121,33 @@ class Tasks:
         return self.data.test_x[:n][:, self.perms[t]], self.data.test_y[:n]
 
 
-def _train_sequence(tasks: Tasks, cfg: ContinualConfig, ewc_lambda: float | None, after_task=None, memories=None,
-                    desc: str = "train"):
-    """Train one MLP on the tasks in order; ``after_task(t, model)`` runs after each task."""
+def train_sequence(tasks: Tasks, cfg: ContinualConfig, ewc_lambda: float | None, plugins=(), desc: str = "train"):
+    """One MLP (keys = pixels, MbPA on the whole network) trained on the tasks in order."""
     torch.manual_seed(cfg.seed)
-    model = build_mlp(MLPConfig(784, tuple(cfg.hidden), 10))
+    model = build(MLPConfig(784, tuple(cfg.hidden), 10))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    mem_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    ewc = EWC(ewc_lambda) if ewc_lambda else None
-    # Memory writes need no task boundaries: every training example seen is written with
-    # probability M / (examples_per_task * epochs_per_task), so each task leaves about M
-    # entries per memory (one uniform draw per example serves all memory sizes: nested).
+
+    def stream():
+        for t in range(cfg.tasks):
+            x, y = tasks.train(t)
+            yield Task(minibatches(x, y, batch=cfg.batch_size, gen=gen, epochs=cfg.epochs_per_task), index=t, x=x)
+
+    ewc = [EWC(ewc_lambda, cfg.ewc_fisher_samples)] if ewc_lambda else []
+    progress = tqdm(stream(), total=cfg.tasks, desc=desc, leave=False, disable=not _progress())
+    return train(model, opt, progress, [*ewc, *plugins])
+
+
+def memory_writers(cfg: ContinualConfig, settings: dict[int, ClassifierMbPA] | None = None) -> dict[int, MbPA]:
+    """One MbPA plugin per memory size M.  Writes need no task boundaries: every training
+    example seen is written with probability M / (examples_per_task * epochs_per_task), so
+    each task leaves about M entries; all sizes share one draw per example (same seed), so
+    the smaller memories are subsets of the larger.  Room is left for the random count to
+    exceed its mean; the oldest entries go first."""
     seen_per_task = cfg.examples_per_task * cfg.epochs_per_task
-
-    def write(xb, yb):
-        u = torch.rand(xb.shape[0], generator=mem_gen)
-        for m_size, mem in memories.items():
-            keep = u < m_size / seen_per_task
-            if keep.any():
-                mem.add(xb[keep], yb[keep])
-
-    for t in tqdm(range(cfg.tasks), desc=desc, leave=False, disable=not _progress()):
-        x, y = tasks.train(t)
-        train_epochs(model, x, y, epochs=cfg.epochs_per_task, batch=cfg.batch_size, opt=opt, gen=gen, ewc=ewc,
-                     on_batch=write if memories else None)
-        if ewc is not None:
-            ewc.consolidate(model, x[: cfg.ewc_fisher_samples])
-        if after_task is not None:
-            after_task(t, model)
-    return model
+    return {m: MbPA(EpisodicMemory(int(m * cfg.tasks * 1.25) + 16, 784, index="exact"),
+                    (settings or {}).get(m, cfg.mbpa), rate=m / seen_per_task, seed=cfg.seed + 2)
+            for m in sorted(set(cfg.memory_per_task))}
 
 
 def _progress() -> bool:
@@ -151,23 +160,62 @@ def _accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).float().mean())
 
 
-def _new_memories(cfg: ContinualConfig) -> dict[int, EpisodicMemory]:
-    # room for the random write count to exceed its mean M per task; oldest entries go first
-    return {m: EpisodicMemory(int(m * cfg.tasks * 1.25) + 16, 784, index="exact") for m in sorted(set(cfg.memory_per_task))}
+class Curves(Plugin):
+    """After each task: accuracy of the base network and of each memory's MbPA on the test
+    images of every task seen so far (all of them after the last task)."""
+
+    def __init__(self, tasks: Tasks, base: str, writers: dict[int, MbPA], mbpa_name: str, log):
+        self.tasks, self.base, self.log = tasks, base, log
+        self.names = {base: None, **{f"{mbpa_name}@{m}": w for m, w in writers.items()}}
+        self.curves = {k: [] for k in self.names}
+        self.seconds = {k: 0.0 for k in self.names}
+
+    def after_task(self, model, task):
+        last = task.index == self.tasks.cfg.tasks - 1
+        per = {k: [] for k in self.names}
+        for s in range(task.index + 1):
+            x, y = self.tasks.test(s, final=last)
+            for name, writer in self.names.items():
+                t0 = time.time()
+                pred = predict(model, None, x, "parametric") if writer is None else writer.predict(model, x)
+                self.seconds[name] += time.time() - t0
+                per[name].append(_accuracy(pred, y))
+        for k, accs in per.items():
+            self.curves[k].append(accs)
+        self.log(f"{self.base}: after task {task.index + 1}: " +
+                 ", ".join(f"{k} {sum(a) / len(a):.4f}" for k, a in per.items()))
 
 
-def _valid_accuracy(tasks: Tasks, model, memory, mbpa: MbPAConfig, predictor: str) -> float:
-    accs = []
-    for t in range(tasks.cfg.tasks):
-        x, y = tasks.valid(t)
-        pred = predict((predictor,), torch.nn.Identity(), model, memory, x, mbpa)[predictor]
-        accs.append(_accuracy(pred, y))
+def _valid_accuracy(tasks: Tasks, model) -> float:
+    accs = [_accuracy(predict(model, None, x, "parametric"), y) for x, y in map(tasks.valid, range(tasks.cfg.tasks))]
     return sum(accs) / len(accs)
 
 
-def run_permuted_mnist(data: MNIST, cfg: ContinualConfig, methods=METHODS, log=print, on_partial=None) -> dict:
+def _tune_mbpa(tasks: Tasks, cfg: ContinualConfig, writers: dict[int, MbPA], model, mbpa_name: str, tuning, log):
+    """(alpha, T) per memory size by the average validation accuracy over all tasks."""
+    chosen = {}
+    for m_size, writer in writers.items():
+        grid = list(itertools.product(cfg.alpha_grid, cfg.steps_grid))
+        settings = [replace(cfg.mbpa, alpha=a, steps=t) for a, t in grid]
+        accs = [0.0] * len(grid)
+        for t in range(cfg.tasks):  # one neighbour search per task serves the whole grid
+            x, y = tasks.valid(t)
+            preds = predict_many(model, writer.memory, x, {"mbpa": settings})["mbpa"]
+            for i, pred in enumerate(preds):
+                accs[i] += _accuracy(pred, y) / cfg.tasks
+        scores = dict(zip(grid, accs))
+        best = max(scores, key=scores.get)
+        chosen[m_size] = replace(cfg.mbpa, alpha=best[0], steps=best[1])
+        log(f"tune {mbpa_name} memory {m_size}/task: alpha={best[0]} T={best[1]} valid accuracy {scores[best]:.4f}")
+        tuning[f"{mbpa_name}@{m_size}"] = {
+            "grid": [{"alpha": a, "steps": s, "valid_accuracy": v} for (a, s), v in scores.items()],
+            "best": {"alpha": best[0], "steps": best[1]}}
+    return chosen
+
+
+def run_permuted_mnist(data: MNIST, cfg: ContinualConfig, log=print, on_partial=None) -> dict:
     """Run the experiment; ``on_partial(results)`` gets the results so far after each base network."""
-    methods = check_methods(methods)
+    methods = cfg.methods
     tasks = Tasks(data, cfg)
     want_base = {"mlp": "mlp" in methods or "mbpa" in methods, "ewc": "ewc" in methods or "mbpa+ewc" in methods}
     tuning: dict = {}
@@ -175,70 +223,36 @@ def run_permuted_mnist(data: MNIST, cfg: ContinualConfig, methods=METHODS, log=p
     if want_base["ewc"] and cfg.tune:
         scores = {}
         for lam in cfg.ewc_grid:
-            model = _train_sequence(tasks, cfg, lam, desc=f"tune ewc lambda={lam:g}")
-            scores[lam] = _valid_accuracy(tasks, model, None, cfg.mbpa, "parametric")
+            model = train_sequence(tasks, cfg, lam, desc=f"tune ewc lambda={lam:g}")
+            scores[lam] = _valid_accuracy(tasks, model)
             log(f"tune ewc: lambda={lam:g} valid accuracy {scores[lam]:.4f}")
         ewc_lambda = max(scores, key=scores.get)
         tuning["ewc_lambda"] = {"grid": {str(k): v for k, v in scores.items()}, "best": ewc_lambda}
 
-    results: dict = {"config": jsonable(asdict(cfg)), "methods": {}, "tuning": tuning}
+    config = asdict(cfg)
+    config["mbpa"] = cfg.mbpa.used()
+    results: dict = {"config": config, "methods": {}, "tuning": tuning}
     for base in ("mlp", "ewc"):
         if not want_base[base]:
             continue
         lam = ewc_lambda if base == "ewc" else None
         mbpa_name = "mbpa" if base == "mlp" else "mbpa+ewc"
         use_mbpa = mbpa_name in methods
-        memories = _new_memories(cfg) if use_mbpa else {}
-        # MbPA's (alpha, T) are tuned per memory size on the final network, then the whole
-        # curve is re-run with them (training is deterministic, so the network is the same).
-        mbpa_cfgs = {m: cfg.mbpa for m in memories}
+        settings = None
         if use_mbpa and cfg.tune:
+            # MbPA's (alpha, T) are tuned per memory size on the final network, then the whole
+            # curve is re-run with them (training is deterministic, so the network is the same).
             t0 = time.time()
-            model = _train_sequence(tasks, cfg, lam, memories=memories, desc=f"tune {mbpa_name}")
-            for m_size, mem in memories.items():
-                grid = list(itertools.product(cfg.alpha_grid, cfg.steps_grid))
-                settings = [replace(cfg.mbpa, alpha=a, steps=t) for a, t in grid]
-                accs = [0.0] * len(grid)
-                for t in range(cfg.tasks):  # one neighbour search per task serves the whole grid
-                    x, y = tasks.valid(t)
-                    preds = predict_many(torch.nn.Identity(), model, mem, x, {"mbpa": settings})["mbpa"]
-                    for i, pred in enumerate(preds):
-                        accs[i] += _accuracy(pred, y) / cfg.tasks
-                scores = dict(zip(grid, accs))
-                best = max(scores, key=scores.get)
-                mbpa_cfgs[m_size] = replace(cfg.mbpa, alpha=best[0], steps=best[1])
-                log(f"tune {mbpa_name} memory {m_size}/task: alpha={best[0]} T={best[1]} valid accuracy {scores[best]:.4f}")
-                tuning[f"{mbpa_name}@{m_size}"] = {
-                    "grid": [{"alpha": a, "steps": s, "valid_accuracy": v} for (a, s), v in scores.items()],
-                    "best": {"alpha": best[0], "steps": best[1]}}
+            writers = memory_writers(cfg)
+            model = train_sequence(tasks, cfg, lam, writers.values(), desc=f"tune {mbpa_name}")
+            settings = _tune_mbpa(tasks, cfg, writers, model, mbpa_name, tuning, log)
             tuning[f"{mbpa_name}_seconds"] = round(time.time() - t0, 1)
-            memories = _new_memories(cfg)
-
-        curves = {base: []}
-        curves.update({f"{mbpa_name}@{m}": [] for m in memories})
-        seconds = {k: 0.0 for k in curves}
-
-        def after_task(t, model):
-            per = {k: [] for k in curves}
-            for s in range(t + 1):
-                x, y = tasks.test(s, final=t == cfg.tasks - 1)
-                t0 = time.time()
-                per[base].append(_accuracy(predict(("parametric",), torch.nn.Identity(), model, None, x, cfg.mbpa)["parametric"], y))
-                seconds[base] += time.time() - t0
-                for m_size, mem in memories.items():
-                    t0 = time.time()
-                    pred = predict(("mbpa",), torch.nn.Identity(), model, mem, x, mbpa_cfgs[m_size])["mbpa"]
-                    seconds[f"{mbpa_name}@{m_size}"] += time.time() - t0
-                    per[f"{mbpa_name}@{m_size}"].append(_accuracy(pred, y))
-            for k, accs in per.items():
-                curves[k].append(accs)
-            log(f"{base}: after task {t + 1}: " + ", ".join(f"{k} {sum(a) / len(a):.4f}" for k, a in per.items()))
-
+        writers = memory_writers(cfg, settings) if use_mbpa else {}
+        curves = Curves(tasks, base, writers, mbpa_name, log)
         t0 = time.time()
-        _train_sequence(tasks, cfg, lam, after_task=after_task, memories=memories, desc=base)
-        total = time.time() - t0
-        train_seconds = total - sum(seconds.values())
-        for name, per_task in curves.items():
+        train_sequence(tasks, cfg, lam, [*writers.values(), curves], desc=base)
+        train_seconds = time.time() - t0 - sum(curves.seconds.values())
+        for name, per_task in curves.curves.items():
             if name == base and base not in methods:
                 continue
             entry = {
@@ -246,14 +260,14 @@ def run_permuted_mnist(data: MNIST, cfg: ContinualConfig, methods=METHODS, log=p
                 "final_per_task_accuracy": per_task[-1],
                 "test_images_per_task": {"curve": tasks.curve_n, "final": tasks.test_n},
                 "train_seconds": round(train_seconds, 1),
-                "eval_seconds": round(seconds[name], 1),
+                "eval_seconds": round(curves.seconds[name], 1),
             }
             if lam:
                 entry["ewc_lambda"] = lam
             if name != base:
-                m_size = int(name.split("@")[1])
-                entry["memory_per_task"] = m_size
-                entry["mbpa"] = asdict(mbpa_cfgs[m_size])
+                writer = curves.names[name]
+                entry["memory_per_task"] = int(name.split("@")[1])
+                entry["mbpa"] = writer.settings.used()
             results["methods"][name] = entry
         if on_partial is not None:
             on_partial(results)

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from lmadapt.classify.incremental import Net
+from lmadapt.classify.loop import Plugin, Task, train
 from lmadapt.classify.mnist import MNIST, train_pool_size
-from lmadapt.errors import LmadaptError
-from lmadapt.hebbian import HebbianSoftmax
-
+from lmadapt.classify.models import MLPConfig, build
+from lmadapt.classify.plugins import Hebbian
+from lmadapt.params import NON_NEGATIVE, POSITIVE, PROBABILITY, at_least, between, check_fields
 
 
 @dataclass
@@ -44,11 +44,72 @@ class CurriculumConfig:
     T_grid: tuple[int, ...] = (10, 100, 500)
     seed: int = 0
 
+    RANGES: ClassVar[dict] = {
+        "classes_per_stage": between(1, 10), "steps_per_stage": at_least(1), "batch_size": at_least(1),
+        "hidden": at_least(1), "lr": POSITIVE, "exposures": at_least(1), "hebbian_gamma": PROBABILITY,
+        "hebbian_T": at_least(1), "seeds": at_least(1), "gamma_grid": PROBABILITY, "T_grid": at_least(1),
+        "seed": NON_NEGATIVE}
+    HELP: ClassVar[dict] = {
+        "seeds": "runs averaged per arm", "exposures": "exposure counts at which a new class is scored",
+        "hebbian_gamma": "(with --no-tune)", "hebbian_T": "(with --no-tune)",
+        "tune": "grid search of (gamma, T) on validation images; --no-tune uses the flags' values"}
+
     def __post_init__(self):
-        if not 1 <= self.classes_per_stage <= 10:
-            raise LmadaptError("--classes-per-stage must be between 1 and 10")
-        if self.steps_per_stage < 1 or self.seeds < 1:
-            raise LmadaptError("--steps-per-stage and --seeds must be at least 1")
+        check_fields(self, "--")
+
+
+def stages(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, cfg: CurriculumConfig, g: torch.Generator):
+    """The curriculum: stage i introduces the next ``classes_per_stage`` classes of ``order``
+    and trains ``steps_per_stage`` minibatches drawn uniformly (with replacement) from the
+    images of every class introduced so far."""
+    by_class = [(y == c).nonzero().squeeze(1) for c in range(10)]
+
+    def batches(pool):
+        for _ in range(cfg.steps_per_stage):
+            b = pool[torch.randint(pool.numel(), (cfg.batch_size,), generator=g)]
+            yield x[b], y[b]
+
+    for i, start in enumerate(range(0, 10, cfg.classes_per_stage)):
+        active = order[: start + cfg.classes_per_stage]
+        pool = torch.cat([by_class[int(c)] for c in active])
+        yield Task(batches(pool), index=i, classes=tuple(order[start : start + cfg.classes_per_stage].tolist()))
+
+
+class Exposures(Plugin):
+    """Each new class (stages after the first) is scored on its evaluation images when its
+    count of training images seen crosses each of ``exposures``; all classes introduced so
+    far are scored at the end of every stage."""
+
+    def __init__(self, exposures, x_eval, y_eval):
+        self.exposures, self.x, self.y = tuple(exposures), x_eval, y_eval
+        self.seen = torch.zeros(10, dtype=torch.long)
+        self.active: list[int] = []
+        self.pending: dict[int, list[int]] = {}
+        self.new_class_acc = {e: [] for e in self.exposures}  # per new class
+        self.all_acc: list[float] = []
+
+    def accuracy(self, model, classes) -> float:
+        mask = torch.isin(self.y, torch.tensor(classes))
+        with torch.no_grad():
+            model.eval()
+            pred = model(self.x[mask]).argmax(1)
+        return float((pred == self.y[mask]).float().mean())
+
+    def before_task(self, model, task):
+        self.pending = {c: list(self.exposures) for c in task.classes} if task.index > 0 else {}
+        self.active += list(task.classes)
+
+    def after_step(self, model, x, y, hidden):
+        self.seen += torch.bincount(y, minlength=10)
+        for c, thresholds in self.pending.items():
+            while thresholds and self.seen[c] >= thresholds[0]:
+                self.new_class_acc[thresholds.pop(0)].append(self.accuracy(model, [c]))
+
+    def after_task(self, model, task):
+        for thresholds in self.pending.values():  # exposures never reached within the stage
+            for e in thresholds:
+                self.new_class_acc[e].append(float("nan"))
+        self.all_acc.append(self.accuracy(model, self.active))
 
 
 def run_arm(data: MNIST, cfg: CurriculumConfig, seed: int, hebbian: tuple[float, int] | None, evaluate_on: str) -> dict:
@@ -56,53 +117,17 @@ def run_arm(data: MNIST, cfg: CurriculumConfig, seed: int, hebbian: tuple[float,
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(10, generator=g)
     n_pool = train_pool_size(data.train_x.shape[0])
-    x_pool, y_pool = data.train_x[:n_pool], data.train_y[:n_pool]
     if evaluate_on == "valid":
         x_eval, y_eval = data.train_x[n_pool:], data.train_y[n_pool:]
     else:
         x_eval, y_eval = data.test_x, data.test_y
     torch.manual_seed(seed)
-    net = Net(tuple(cfg.hidden))
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    heb = HebbianSoftmax(10, gamma=hebbian[0], T=hebbian[1]) if hebbian else None
-    by_class = [(y_pool == c).nonzero().squeeze(1) for c in range(10)]
-    seen = torch.zeros(10, dtype=torch.long)
-    new_class_acc = {e: [] for e in cfg.exposures}  # per new class (stages after the first)
-    all_acc = []
-
-    def accuracy(classes) -> float:
-        mask = torch.isin(y_eval, classes)
-        with torch.no_grad():
-            net.eval()
-            pred = net(x_eval[mask]).argmax(1)
-            net.train()
-        return float((pred == y_eval[mask]).float().mean())
-
-    stages = [order[i : i + cfg.classes_per_stage] for i in range(0, 10, cfg.classes_per_stage)]
-    for stage, new in enumerate(stages):
-        active = order[: sum(len(s) for s in stages[: stage + 1])]
-        pool = torch.cat([by_class[int(c)] for c in active])
-        pending = {int(c): list(cfg.exposures) for c in new} if stage > 0 else {}
-        for _ in range(cfg.steps_per_stage):
-            b = pool[torch.randint(pool.numel(), (cfg.batch_size,), generator=g)]
-            xb, yb = x_pool[b], y_pool[b]
-            net.train()
-            h = net.trunk(xb)
-            loss = F.cross_entropy(net.head(h), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if heb is not None:
-                heb.update(net.head[0].weight, h.detach(), yb)
-            seen += torch.bincount(yb, minlength=10)
-            for c, thresholds in pending.items():
-                while thresholds and seen[c] >= thresholds[0]:
-                    new_class_acc[thresholds.pop(0)].append(accuracy(torch.tensor([c])))
-        for c, thresholds in pending.items():  # exposures never reached within the stage
-            for e in thresholds:
-                new_class_acc[e].append(float("nan"))
-        all_acc.append(accuracy(active))
-    return {"order": order.tolist(), "new_class_accuracy": new_class_acc, "accuracy_after_stage": all_acc}
+    model = build(MLPConfig(784, tuple(cfg.hidden), 10, embed=True))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    probe = Exposures(cfg.exposures, x_eval, y_eval)
+    plugins = [Hebbian(10, *hebbian), probe] if hebbian else [probe]
+    train(model, opt, stages(data.train_x[:n_pool], data.train_y[:n_pool], order, cfg, g), plugins)
+    return {"order": order.tolist(), "new_class_accuracy": probe.new_class_acc, "accuracy_after_stage": probe.all_acc}
 
 
 def _mean(values):

@@ -25,18 +25,21 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from lmadapt.classify.core import PREDICTORS, MbPAConfig, jsonable, predict_many
+from lmadapt.classify.loop import Plugin, Task, minibatches, train
 from lmadapt.classify.mnist import MNIST, train_pool_size
-from lmadapt.errors import LmadaptError
+from lmadapt.classify.models import MLPConfig, build
+from lmadapt.classify.plugins import MbPA
+from lmadapt.classify.predict import PREDICTORS, ClassifierMbPA, describe, predict_many
 from lmadapt.memory import EpisodicMemory
+from lmadapt.params import NON_NEGATIVE, POSITIVE, PROBABILITY, at_least, check_choices, check_fields
 
 REPORT_EPOCHS = (0.1, 1.0, 3.0)
+MBPA_FLAGS = ClassifierMbPA.FIELDS
 
 
 @dataclass
@@ -58,41 +61,34 @@ class IncrementalConfig:
     alpha_grid: tuple[float, ...] = (0.01, 0.1, 0.5, 1.0)
     steps_grid: tuple[int, ...] = (1, 5, 10)
     lambda_grid: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    mbpa: MbPAConfig = None  # type: ignore[assignment]
+    mbpa: ClassifierMbPA = field(default_factory=lambda: ClassifierMbPA(k=50, alpha=0.1, steps=5, optimizer="rmsprop"))
+
+    RANGES: ClassVar[dict] = {
+        "splits": at_least(1), "pretrain_epochs": NON_NEGATIVE, "epochs": POSITIVE, "eval_epochs": POSITIVE,
+        "hidden": at_least(1), "lr": POSITIVE, "batch_size": at_least(1), "memory_size": at_least(1),
+        "test_examples": at_least(1), "valid_examples": at_least(1), "seed": NON_NEGATIVE,
+        "alpha_grid": ClassifierMbPA.RANGES["alpha"], "steps_grid": ClassifierMbPA.RANGES["steps"],
+        "lambda_grid": PROBABILITY}
+    CHOICES: ClassVar[dict] = {"optimizer": ("sgd", "adam")}
+    HELP: ClassVar[dict] = {
+        "unbalanced": "half the novel classes keep a tenth of their images",
+        "eval_epochs": "checkpoints, in epochs of the all-classes phase", "hidden": "hidden layer sizes of the trunk",
+        "optimizer": "the parametric learner's optimiser", "memory_size": "episodic memory entries",
+        "tune": "grid searches on split 0's validation images; --no-tune uses the flags' values",
+        "alpha_grid": "MbPA local learning rates to try", "steps_grid": "MbPA step counts T to try",
+        "lambda_grid": "mixture weights to try"}
 
     def __post_init__(self):
-        if self.mbpa is None:
-            self.mbpa = MbPAConfig(k=50, alpha=0.1, steps=5, optimizer="rmsprop")
-        if self.splits < 1:
-            raise LmadaptError("--splits must be at least 1")
-        if self.memory_size < 1:
-            raise LmadaptError("--memory-size must be at least 1")
-        if self.epochs <= 0:
-            raise LmadaptError("--epochs must be positive")
-
-
-class Net(nn.Module):
-    """MLP trunk (the embedding f: penultimate-layer activations) and a linear head g."""
-
-    def __init__(self, hidden: tuple[int, ...], classes: int = 10):
-        super().__init__()
-        dims = [784, *hidden]
-        mods: list[nn.Module] = []
-        for a, b in zip(dims[:-1], dims[1:]):
-            mods += [nn.Linear(a, b), nn.ReLU()]
-        self.trunk = nn.Sequential(*mods)
-        self.head = nn.Sequential(nn.Linear(dims[-1], classes))
-
-    def forward(self, x):
-        return self.head(self.trunk(x))
+        check_fields(self, "--")
+        check_choices(self, "--")
+        check_fields(self.mbpa, "--mbpa-")
+        check_choices(self.mbpa, "--mbpa-")
 
 
 def _optimizer(cfg: IncrementalConfig, params):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
-    raise LmadaptError(f"optimizer must be sgd or adam, not {cfg.optimizer!r}")
+    return torch.optim.Adam(params, lr=cfg.lr)
 
 
 def _auc(epochs: list[float], accs: list[float], upto: float) -> float:
@@ -108,7 +104,45 @@ def _auc(epochs: list[float], accs: list[float], upto: float) -> float:
     return area / (xs[-1] - xs[0])
 
 
-def run_split(data: MNIST, cfg: IncrementalConfig, split: int, configs: dict[str, list[MbPAConfig]],
+class Checkpoints(Plugin):
+    """Scores every (predictor, setting) on the evaluation images, separately on the novel and
+    the pre-trained classes, when the all-classes phase (task 1) reaches each checkpoint step."""
+
+    def __init__(self, at_step: dict[int, float], memory: EpisodicMemory, configs, x_eval, y_eval, is_novel,
+                 split: int, log):
+        self.at_step, self.memory, self.configs = at_step, memory, configs
+        self.x, self.y, self.is_novel, self.split, self.log = x_eval, y_eval, is_novel, split, log
+        self.results = {name: [[] for _ in settings] for name, settings in configs.items()}
+        self.seconds = 0.0
+        self.steps = None  # counted in the all-classes phase only
+
+    def before_task(self, model, task):
+        if task.index == 1:
+            self.steps = 0
+            if 0 in self.at_step:
+                self.score(model, 0.0)
+
+    def after_step(self, model, x, y, hidden):
+        if self.steps is not None:
+            self.steps += 1
+            if self.steps in self.at_step:
+                self.score(model, self.at_step[self.steps])
+
+    def score(self, model, epoch):
+        t0 = time.time()
+        preds = predict_many(model, self.memory, self.x, self.configs)
+        self.seconds += time.time() - t0
+        for name, per_setting in preds.items():
+            for i, pred in enumerate(per_setting):
+                ok = (pred == self.y).float()
+                self.results[name][i].append([float(ok[self.is_novel].mean()), float(ok[~self.is_novel].mean())])
+        if "mbpa" in self.configs and len(self.configs["mbpa"]) == 1:
+            r = {n: self.results[n][0][-1] for n in self.configs}
+            self.log(f"split {self.split} epoch {epoch:g}: " +
+                     ", ".join(f"{n} novel {a[0]:.3f} pre {a[1]:.3f}" for n, a in r.items()))
+
+
+def run_split(data: MNIST, cfg: IncrementalConfig, split: int, configs: dict[str, list[ClassifierMbPA]],
               evaluate_on: str, log=print) -> dict:
     """Pre-train, then train on all classes; score every (predictor, setting) at each checkpoint.
 
@@ -133,69 +167,31 @@ def run_split(data: MNIST, cfg: IncrementalConfig, split: int, configs: dict[str
         x_eval, y_eval = data.train_x[n_pool : n_pool + cfg.valid_examples], data.train_y[n_pool : n_pool + cfg.valid_examples]
     else:
         x_eval, y_eval = data.test_x[: cfg.test_examples], data.test_y[: cfg.test_examples]
-    is_novel = torch.isin(y_eval, novel)
 
     torch.manual_seed(cfg.seed * 1000 + split)
-    net = Net(tuple(cfg.hidden))
-    opt = _optimizer(cfg, net.parameters())
+    model = build(MLPConfig(784, tuple(cfg.hidden), 10, embed=True))
+    opt = _optimizer(cfg, model.parameters())
     memory = EpisodicMemory(cfg.memory_size, cfg.hidden[-1], index="exact")
 
-    def step(xb, yb):
-        net.train()
-        loss = F.cross_entropy(net(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        net.eval()
-        with torch.no_grad():  # MbPA-Train: write (f(x), y) as seen
-            memory.add(net.trunk(xb), yb)
-
     pre_idx = torch.isin(y_pool, pre_classes).nonzero().squeeze(1)
-    for _ in range(cfg.pretrain_epochs):
-        order = pre_idx[torch.randperm(pre_idx.numel(), generator=g)]
-        for s in range(0, order.numel(), cfg.batch_size):
-            b = order[s : s + cfg.batch_size]
-            step(x_pool[b], y_pool[b])
-
     all_idx = keep.nonzero().squeeze(1)
     per_epoch = -(-all_idx.numel() // cfg.batch_size)
     checkpoints = sorted({0.0, *[e for e in cfg.eval_epochs if e <= cfg.epochs], cfg.epochs})
-    check_steps = {round(e * per_epoch): e for e in checkpoints}
-    results = {name: [[] for _ in settings] for name, settings in configs.items()}
-    seconds = {"all": 0.0}
-
-    def score(epoch):
-        net.eval()
-        t0 = time.time()
-        preds = predict_many(net.trunk, net.head, memory, x_eval, configs)
-        seconds["all"] += time.time() - t0
-        for name, per_setting in preds.items():
-            for i, pred in enumerate(per_setting):
-                ok = (pred == y_eval).float()
-                results[name][i].append([float(ok[is_novel].mean()), float(ok[~is_novel].mean())])
-        if "mbpa" in configs and len(configs["mbpa"]) == 1:
-            r = {n: results[n][0][-1] for n in configs}
-            log(f"split {split} epoch {epoch:g}: " + ", ".join(f"{n} novel {a[0]:.3f} pre {a[1]:.3f}" for n, a in r.items()))
-
-    total_steps = round(cfg.epochs * per_epoch)
-    done = 0
-    if 0 in check_steps:
-        score(0.0)
-    while done < total_steps:
-        order = all_idx[torch.randperm(all_idx.numel(), generator=g)]
-        for s in range(0, order.numel(), cfg.batch_size):
-            b = order[s : s + cfg.batch_size]
-            step(x_pool[b], y_pool[b])
-            done += 1
-            if done in check_steps:
-                score(check_steps[done])
-            if done >= total_steps:
-                break
+    scoring = Checkpoints({round(e * per_epoch): e for e in checkpoints}, memory, configs, x_eval, y_eval,
+                          torch.isin(y_eval, novel), split, log)
+    phases = [
+        Task(minibatches(x_pool, y_pool, batch=cfg.batch_size, gen=g, index=pre_idx, epochs=cfg.pretrain_epochs),
+             index=0, classes=tuple(pre_classes.tolist())),
+        Task(minibatches(x_pool, y_pool, batch=cfg.batch_size, gen=g, index=all_idx, epochs=None,
+                         max_steps=round(cfg.epochs * per_epoch)), index=1, classes=tuple(novel.tolist())),
+    ]
+    # MbPA-Train: (f(x), y) of every example written as it is seen, in both phases
+    train(model, opt, phases, [MbPA(memory, cfg.mbpa), scoring])
     return {"novel_classes": novel.tolist(), "scarce_classes": [int(c) for c in scarce], "epochs": checkpoints,
-            "acc": results, "eval_seconds": seconds}
+            "acc": scoring.results, "eval_seconds": {"all": scoring.seconds}}
 
 
-def _settings_grid(cfg: IncrementalConfig) -> dict[str, list[MbPAConfig]]:
+def _settings_grid(cfg: IncrementalConfig) -> dict[str, list[ClassifierMbPA]]:
     base = cfg.mbpa
     return {
         "parametric": [base],
@@ -220,10 +216,10 @@ def run_incremental(data: MNIST, cfg: IncrementalConfig, log=print) -> dict:
             scores = [mean_acc(curve) for curve in r["acc"][name]]
             best = max(range(len(settings)), key=scores.__getitem__)
             chosen[name] = settings[best]
-            tuning[name] = {"best": asdict(settings[best]), "valid_mean_accuracy": scores[best],
+            tuning[name] = {"best": settings[best].used(), "valid_mean_accuracy": scores[best],
                             "grid_size": len(settings)}
             log(f"tune {name}: valid mean accuracy {scores[best]:.4f} with "
-                f"{_describe(name, settings[best])}")
+                f"{describe(name, settings[best])}")
     tune_seconds = time.time() - t0
     report_splits = list(range(1, cfg.splits)) if cfg.tune and cfg.splits > 1 else list(range(cfg.splits))
     per_split = []
@@ -236,13 +232,15 @@ def run_incremental(data: MNIST, cfg: IncrementalConfig, log=print) -> dict:
         curves = [[acc for acc in r["acc"][name][0]] for r in per_split]  # split -> checkpoint -> [novel, pre]
         mean = [[sum(c[i][j] for c in curves) / len(curves) for j in range(2)] for i in range(len(epochs))]
         entry = {"novel_accuracy": [m[0] for m in mean], "pretrained_accuracy": [m[1] for m in mean],
-                 "settings": _describe(name, chosen[name])}
+                 "settings": describe(name, chosen[name])}
         for subset, key in (("novel", 0), ("pretrained", 1)):
             ys = [m[key] for m in mean]
             entry[f"{subset}_top1_at"] = {str(e): _at(epochs, ys, e) for e in REPORT_EPOCHS if e <= epochs[-1] + 1e-9}
             entry[f"{subset}_auc_at"] = {str(e): _auc(epochs, ys, e) for e in REPORT_EPOCHS if e <= epochs[-1] + 1e-9}
         methods[name] = entry
-    return {"config": jsonable(asdict(cfg)), "epochs": epochs, "reported_splits": report_splits,
+    config = asdict(cfg)
+    config["mbpa"] = cfg.mbpa.used()
+    return {"config": config, "epochs": epochs, "reported_splits": report_splits,
             "splits": [{k: r[k] for k in ("novel_classes", "scarce_classes")} for r in per_split],
             "methods": methods, "tuning": tuning, "tune_seconds": round(tune_seconds, 1),
             "eval_seconds_all_predictors": round(sum(r["eval_seconds"]["all"] for r in per_split), 1),
@@ -252,17 +250,6 @@ def run_incremental(data: MNIST, cfg: IncrementalConfig, log=print) -> dict:
 def _at(epochs, ys, e):
     best = min(range(len(epochs)), key=lambda i: abs(epochs[i] - e))
     return ys[best]
-
-
-def _describe(name: str, c: MbPAConfig) -> dict:
-    if name == "parametric":
-        return {}
-    if name == "nonparametric":
-        return {"k": c.k, "eps": c.eps}
-    if name == "mixture":
-        return {"k": c.k, "eps": c.eps, "lambda": c.mixture_lambda}
-    return {"k": c.k, "eps": c.eps, "alpha": c.alpha, "steps": c.steps, "optimizer": c.optimizer, "beta": c.beta,
-            "normalise": c.normalise}
 
 
 def to_markdown(results: dict) -> str:
