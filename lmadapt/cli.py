@@ -516,18 +516,22 @@ def cmd_datastore_build(args) -> int:
         raise LmadaptError(f"--out {args.out} exists and is not a directory")
     runs.check_writable_dir(Path(args.out), "--out")
     model, corpus, _ = load_for_eval(args.run_dir, args.data, args.data_dir, device)
+    from lmadapt.backbones.base import check_key_kind
+
+    check_key_kind(model, args.key)  # before any work
     # One writer per datastore directory (rank 0 under torchrun writes it).
     lock = runs.locked(args.out, "datastore") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     with lock:
         manifest = datastore.build(args.run_dir, args.out, model=model, corpus=corpus, split=args.split,
                                    index=args.index, device=device, force=args.force, log=datastore.log_stderr,
-                                   layout=datastore.Layout(args.row, args.warmup, args.rows_per_part))
+                                   layout=datastore.Layout(args.row, args.warmup, args.rows_per_part), key=args.key)
     if manifest is not None:
         sec = manifest["seconds"]
         total = sum(manifest["bytes"].values())
         print(f"datastore {args.out}: {manifest['keys']:,} keys, index {manifest['index']['type']}, "
               f"{total / 1e6:.1f} MB; embed {sec.get('embed', 0):.1f} s, train {sec['train']:.1f} s, "
               f"add {sec['add']:.1f} s")
+    return 0
 
 
 def cmd_harness(args) -> int:
@@ -668,6 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="datastore directory")
     p.add_argument("--split", default="train", choices=["train", "valid", "test"])
     p.add_argument("--index", default="auto", help="auto (default), flat or ivfpq:NLIST,M")
+    p.add_argument("--key", default="output", choices=["output", "ffn"],
+                   help="key vectors: output (the output layer's input, default) or ffn (a Transformer's last "
+                        "feed-forward input after its layer norm, kNN-LM's best key)")
     p.add_argument("--data", help="corpus (default: the one the run was trained on)")
     p.add_argument("--data-dir", help="directory holding named corpora")
     p.add_argument("--force", action="store_true", help="rebuild from scratch, replacing what is in --out")

@@ -76,10 +76,11 @@ def backbone_init_state(model, batch: int, device):
     return model.init_state(batch, device)
 
 
-def backbone_hidden(model, tokens: torch.Tensor, state):
-    """tokens (B, T) -> output-layer inputs (B, T, d), new state."""
-    hidden, _, state = model(tokens, state)
-    return hidden, state
+def backbone_hidden(model, tokens: torch.Tensor, state, key: str = "output"):
+    """tokens (B, T) -> keys (B, T, d): the output layer's inputs, or the vectors of the key
+    kind the backbone records (`model.record_keys(key)` set by the caller); new state."""
+    hidden, _, state = model(tokens, state, compute_logits=False)
+    return (hidden if key == "output" else model.recorded_keys), state
 
 
 # --------------------------------------------------------------------------- hashes
@@ -248,7 +249,8 @@ def estimate_seconds(n: int, d: int, spec: IndexSpec, embed_rate: float, flops: 
 # --------------------------------------------------------------------------- embedding
 
 @torch.no_grad()
-def embed_part(model, stream: torch.Tensor, part: int, device, layout: Layout = Layout()) -> tuple[np.ndarray, np.ndarray]:
+def embed_part(model, stream: torch.Tensor, part: int, device, layout: Layout = Layout(),
+               key: str = "output") -> tuple[np.ndarray, np.ndarray]:
     """Keys (float16) and values (int32) of one part, in position order."""
     n_keys = stream.numel() - 1
     rows = layout.rows(n_keys)[part * layout.rows_per_part:(part + 1) * layout.rows_per_part]
@@ -264,12 +266,15 @@ def embed_part(model, stream: torch.Tensor, part: int, device, layout: Layout = 
         state = backbone_init_state(model, len(members), device)
         chunks = []
         for s in range(0, x.size(1), STEP):
-            hidden, state = backbone_hidden(model, x[:, s:s + STEP], state)
+            hidden, state = backbone_hidden(model, x[:, s:s + STEP], state, key)
             chunks.append(hidden.float())
         hidden = torch.cat(chunks, 1)[:, warm:]
         for j, i in enumerate(members):
             out[i] = hidden[j].cpu().numpy().astype(np.float16)
     keys = np.concatenate(out) if out else np.zeros((0, d), np.float16)
+    if keys.shape[1] != d:
+        raise LmadaptError(f"the model's {key} vectors have {keys.shape[1]} dimensions, its hidden state {d}: "
+                           f"datastores assume they are equal")
     a, b = rows[0][0], rows[-1][1]
     values = stream[a + 1:b + 1].cpu().numpy().astype(np.int32)
     return keys, values
@@ -296,8 +301,9 @@ def _atomic_path(path: Path, write) -> None:
 # --------------------------------------------------------------------------- build
 
 def _settings(run_dir: Path, ckpt: str, corpus, split: str, stream, d: int, vocab: int, spec: IndexSpec,
-              layout: Layout) -> dict:
+              layout: Layout, key: str = "output") -> dict:
     return {
+        "key": key,
         "format": FORMAT, "version": VERSION,
         "run_dir": str(Path(run_dir).resolve()), "checkpoint_sha256": ckpt,
         "corpus": corpus.name, "split": split, "split_sha256": tokens_sha256(stream),
@@ -322,8 +328,10 @@ def _check_free(out: Path, need: dict) -> None:
 
 def build(run_dir, out, *, model, corpus, split: str = "train", index: str = "auto", device="cpu",
           force: bool = False, layout: Layout = Layout(), log=print,
-          interrupt_after_parts: int | None = None) -> dict | None:
+          interrupt_after_parts: int | None = None, key: str = "output") -> dict | None:
     """Build (or resume building) a datastore; returns the manifest (None on non-main ranks).
+    `key`: the kind of vector stored as key ("output": the output layer's input; "ffn": the
+    last feed-forward block's input, for Transformer backbones).
 
     `interrupt_after_parts` stops abruptly after embedding that many parts in this call:
     the test suite's stand-in for a killed process.
@@ -340,14 +348,19 @@ def build(run_dir, out, *, model, corpus, split: str = "train", index: str = "au
         n = int(stream.numel() - 1)
         spec = choose_index(n, d, index)
         layout.validate()
+        from lmadapt.backbones.base import check_key_kind
+
+        check_key_kind(model, key)
+        model.record_keys(key)
         settings = _settings(run_dir, file_sha256(run_dir / runs.BEST), corpus, split, stream, d, vocab, spec,
-                             layout)
+                             layout, key)
         need = sizes(n, d, vocab, spec, layout)
 
         # Decide, on rank 0, whether this is done, a resume or a fresh start, before any work.
         manifest_path = out / MANIFEST
         if manifest_path.is_file():
             old = runs.read_json(manifest_path)
+            old.setdefault("key", "output")  # manifests written before key kinds existed
             same = {k: old.get(k) for k in settings} == settings
             if same and not force:
                 if dist.main:
@@ -381,7 +394,7 @@ def build(run_dir, out, *, model, corpus, split: str = "train", index: str = "au
         with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"embed {split}", unit="part",
                   disable=not (dist.main and runs.progress_enabled())) as bar:
             for i in todo:
-                keys, values = embed_part(model, stream, i, device, layout)
+                keys, values = embed_part(model, stream, i, device, layout, key)
                 kp, vp = _part_paths(out, i)
                 runs.write_bytes(kp, _npy_bytes(keys))
                 runs.write_bytes(vp, _npy_bytes(values))   # last: marks the part finished
@@ -512,6 +525,7 @@ class Datastore:
         self.keys = np.load(self.path / KEYS, mmap_mode="r")
         self.values = torch.from_numpy(np.load(self.path / VALUES).astype(np.int64))
         self.kind = self.manifest["index"]["type"]
+        self.key_kind = self.manifest.get("key", "output")
         if threads:
             faiss.omp_set_num_threads(threads)
         self._index = None

@@ -81,6 +81,13 @@ class LSTMLM(nn.Module):
 
     train_carries_state = True      # truncated BPTT carries the state across training batches
     arch = "lstm"
+    key_kinds = ("output",)         # kNN keys: the output layer's input only
+
+    def record_keys(self, kind: str | None) -> None:
+        if kind not in (None, "output"):
+            from lmadapt.backbones.base import check_key_kind
+
+            check_key_kind(self, kind)
 
     def __init__(self, config: LMConfig):
         super().__init__()

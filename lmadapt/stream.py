@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from lmadapt.backbones.base import check_key_kind
 from lmadapt.errors import LmadaptError
 from lmadapt.memory import COLUMN_BLOCKED, EpisodicMemory
 from lmadapt.methods import EvalContext, Method, MixtureMethod, ModelAdapter, Segment
@@ -120,6 +121,14 @@ def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str,
                       cache_dir=cache_dir)
     for m in methods:
         m.start(ctx)
+    # Query vectors other than `hidden` (kNN keys of another kind) come from the backbone.
+    kinds = sorted({m.key_kind() for m in mixers} - {"output"})
+    if len(kinds) > 1:
+        raise LmadaptError(f"the methods query with different key kinds ({', '.join(kinds)}); use one")
+    key_kind = kinds[0] if kinds else None
+    if key_kind is not None:
+        check_key_kind(model, key_kind)
+        model.record_keys(key_kind)
 
     n = stream.numel() - 1
     # Outputs are written into tensors allocated once: small per-segment tensors kept to the
@@ -140,7 +149,8 @@ def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str,
             log_probs = F.log_softmax(logits[0].float(), -1)
             base = log_probs.gather(1, y.unsqueeze(1)).squeeze(1)
         seg = Segment(positions=torch.arange(s, e, device=device), hidden=hidden[0].detach(),
-                      logits=logits[0].detach().float(), log_probs=log_probs.detach(), targets=y)
+                      logits=logits[0].detach().float(), log_probs=log_probs.detach(), targets=y,
+                      keys={key_kind: model.recorded_keys[0].detach()} if key_kind else {})
         if memory is not None:
             memory.add(seg.hidden, y, seg.positions, **extras_of(seg))
         with torch.no_grad():
@@ -157,6 +167,8 @@ def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str,
         bar.update(e - s)
     seconds = time.perf_counter() - start
     bar.close()
+    if key_kind is not None:
+        model.record_keys(None)
 
     result = StreamResult(targets=stream[1:n + 1].cpu(), base=base_out.cpu(), seconds=seconds)
     for name, (lp, av) in comp_out.items():

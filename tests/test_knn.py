@@ -377,3 +377,60 @@ def test_mbpa_source_needs_a_datastore(setup, capsys):
     assert "--datastore" in capsys.readouterr().err
     assert _cli("eval", setup["run"], "--method", "mbpa", "--mbpa-source", "train") == 2
     assert "source must be one of stream, datastore, both" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- Transformer ffn keys
+
+def test_ffn_keys_of_a_transformer_are_the_last_feed_forward_inputs(setup, tmp_path):
+    """`--key ffn` stores, and knn queries with, the input of the last block's feed-forward
+    module (after its layer norm): checked against vectors taken with a hook written here,
+    and knn's probabilities against the numpy brute force over them."""
+    pytest.importorskip("transformers")
+    from lmadapt import backbones
+
+    cfg = tiny_config(setup["corpus_dir"], ["model.arch=gpt2", "model.n_layer=2", "model.n_embd=12",
+                                            "model.n_head=2", "model.context=16"])
+    corpus = load_corpus(cfg.data.name)
+    cfg.model.vocab_size = len(corpus.vocab)
+    torch.manual_seed(3)
+    model = backbones.build(cfg.model).eval()
+    run_dir = tmp_path / "gpt2run"
+    run_dir.mkdir()
+    write_run_metadata(run_dir, cfg, corpus)
+    runs.save_tensors(run_dir / runs.BEST, model.state_dict())
+    out = tmp_path / "ds-ffn"
+    assert _cli("datastore", "build", run_dir, "--out", out, "--key", "ffn", "--index", "flat", *LAYOUT_ARGS,
+                "--threads", 1) == 0
+    store = Datastore(out)
+    assert store.manifest["key"] == "ffn" and store.key_kind == "ffn"
+
+    # the reference: the last block's mlp input, by a hook of this test's own (first row: no burn-in)
+    seen = []
+    handle = model.lm.transformer.h[-1].mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        model(corpus.train[:12].unsqueeze(0))
+    handle.remove()
+    ffn = torch.cat(seen, 1)[0]
+    np.testing.assert_allclose(np.asarray(store.keys[:12], np.float32), ffn.numpy(), rtol=1e-2, atol=1e-3)
+    with torch.no_grad():
+        hidden, _, _ = model(corpus.train[:12].unsqueeze(0))
+    assert not torch.allclose(hidden[0], ffn, atol=1e-3)  # a different vector from the output layer's input
+
+    stream = corpus.valid[:60]
+    keys = np.asarray(store.keys, np.float32)
+    seen.clear()
+    handle = model.lm.transformer.h[-1].mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        model(stream[:-1].unsqueeze(0))  # 59 positions: the KV window re-encodes, and hooks see it
+    handle.remove()
+    knn = KnnLM(KnnParams(k=8, temperature=2.0, datastore=str(out)))
+    got = stream_eval(model, stream, [knn], {"knn": 0.5}, corpus=corpus, segment_len=16).components["knn"][0]
+    # the first window (16 positions) is scored without any re-encode: queries = the hook's first call
+    queries = seen[0][0].numpy()
+    ref = _reference_knn_log_probs(keys, np.asarray(store.values), queries, stream[1:17].numpy(), 8, 2.0)
+    np.testing.assert_allclose(got[:16].numpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ffn_keys_are_refused_where_they_do_not_exist(setup, tmp_path, capsys):
+    assert _cli("datastore", "build", setup["run"], "--out", tmp_path / "x", "--key", "ffn") == 2
+    assert "key 'ffn': the lstm backbone offers output" in capsys.readouterr().err

@@ -49,11 +49,27 @@ class Backbone(Protocol):
         """The parameters dynamic evaluation may move: "all", "output" or a backbone-specific
         group; each parameter once (tied weights)."""
 
+    key_kinds: tuple[str, ...]  # kNN-LM key kinds it offers: "output" (= hidden), and e.g. "ffn"
+
+    def record_keys(self, kind: str | None) -> None:
+        """From now on each forward leaves `recorded_keys` (B, T, d): the vectors of key kind
+        `kind` for the positions it was given ("ffn": the input of the last feed-forward block,
+        after its layer norm, which kNN-LM found the best key); None stops recording.
+        "output" needs no recording (the keys are `hidden`)."""
+
     def state_cat(self, states: list[Any]) -> Any:
         """Per-rank training states -> one (for checkpoints; only if train_carries_state)."""
 
     def state_slice(self, state: Any, start: int, end: int) -> Any:
         """Batch rows start:end of a checkpointed training state."""
+
+
+def check_key_kind(model, kind: str) -> None:
+    from lmadapt.errors import LmadaptError
+
+    kinds = tuple(getattr(model, "key_kinds", ("output",)))
+    if kind not in kinds:
+        raise LmadaptError(f"key {kind!r}: the {getattr(model, 'arch', 'model')} backbone offers {', '.join(kinds)}")
 
 
 def unique_parameters(params: Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:

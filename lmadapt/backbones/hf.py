@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lmadapt.backbones.base import unique_parameters
+from lmadapt.backbones.base import check_key_kind, unique_parameters
 from lmadapt.errors import LmadaptError
 
 EXTRA_HINT = 'pip install "lmadapt[hf]" (transformers, safetensors, tokenizers)'
@@ -78,12 +78,35 @@ class HFCausalLM(nn.Module):
     """A transformers causal LM (logits = lm_head(last hidden state)) as a backbone."""
 
     train_carries_state = False
+    key_kinds = ("output", "ffn")
 
     def __init__(self, lm, context: int | None = None, keep: int | None = None):
         super().__init__()
         self.lm = lm
         self.rotary = is_rotary(lm.config)
         self.set_context(context, keep)
+        self._key_kind = None
+        self.recorded_keys = None
+
+    def record_keys(self, kind: str | None) -> None:
+        if kind is not None:
+            check_key_kind(self, kind)
+            if kind == "ffn":
+                self._last_ffn()  # fail now, not at the first forward
+        self._key_kind = None if kind == "output" else kind
+        self.recorded_keys = None
+
+    def _last_ffn(self) -> nn.Module:
+        """The last decoder block's feed-forward module (GPT-2's h[-1].mlp, Llama's layers[-1].mlp):
+        its input is the block's state after the second layer norm."""
+        base = self.lm.base_model
+        layers = getattr(base, "h", None)
+        if layers is None:
+            layers = getattr(base, "layers", None)
+        mlp = getattr(layers[-1], "mlp", None) if layers is not None and len(layers) else None
+        if not isinstance(mlp, nn.Module):
+            raise LmadaptError(f"key 'ffn': no feed-forward block (mlp) found in the {self.arch} model's last layer")
+        return mlp
 
     # ----------------------------------------------------------------- protocol
 
@@ -159,12 +182,14 @@ class HFCausalLM(nn.Module):
         if self.training:
             if T > self.context:
                 raise LmadaptError(f"a training sequence of {T} tokens is longer than the context of {self.context}")
-            hidden, _ = self._run(tokens, None, torch.arange(T, device=tokens.device), use_cache=False)
+            keys: list = []
+            hidden, _ = self._run(tokens, None, torch.arange(T, device=tokens.device), use_cache=False, keys=keys)
+            self.recorded_keys = keys[0] if keys else None
             return hidden, self.head(hidden) if compute_logits else None, None
         if state is None:
             state = self.init_state(B, tokens.device)
         cache, start, seen, recent = state.cache, state.start, state.seen, state.recent
-        parts, i = [], 0
+        parts, keys, i = [], [], 0
         while i < T:
             if seen - start == self.context:  # the window is full: jump (see the module docstring)
                 cache, start = self._shift(cache, recent, seen), seen - self.keep
@@ -173,23 +198,33 @@ class HFCausalLM(nn.Module):
             # Rotary models keep stream positions (relative distances survive the trim);
             # absolute ones count from the window start.
             first = seen if self.rotary else seen - start
-            hidden, cache = self._run(x, cache, torch.arange(first, first + n, device=tokens.device))
+            hidden, cache = self._run(x, cache, torch.arange(first, first + n, device=tokens.device), keys=keys)
             parts.append(hidden)
             recent = torch.cat([recent, x], 1)[:, -self.keep:]
             seen += n
             i += n
         hidden = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        self.recorded_keys = (keys[0] if len(keys) == 1 else torch.cat(keys, 1)) if keys else None
         return hidden, self.head(hidden) if compute_logits else None, KVState(cache, start, seen, recent)
 
     # ----------------------------------------------------------------- internals
 
-    def _run(self, x: torch.Tensor, cache, positions: torch.Tensor, use_cache: bool = True):
+    def _run(self, x: torch.Tensor, cache, positions: torch.Tensor, use_cache: bool = True, keys: list | None = None):
+        """keys: where the recorded key kind's vectors of `x` go (the window re-encode passes
+        None: its positions were scored, and recorded, before)."""
         if use_cache and cache is None:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.lm.config)
-        out = self.lm.base_model(input_ids=x, cache=cache if use_cache else None,
-                                 position_ids=positions.unsqueeze(0).expand(x.size(0), -1), use_cache=use_cache)
+        hook = None
+        if keys is not None and self._key_kind == "ffn":
+            hook = self._last_ffn().register_forward_pre_hook(lambda _module, args: keys.append(args[0]))
+        try:
+            out = self.lm.base_model(input_ids=x, cache=cache if use_cache else None,
+                                     position_ids=positions.unsqueeze(0).expand(x.size(0), -1), use_cache=use_cache)
+        finally:
+            if hook is not None:
+                hook.remove()
         return out.last_hidden_state, out.cache if use_cache else None
 
     def _shift(self, cache, recent: torch.Tensor, seen: int):

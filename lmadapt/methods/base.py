@@ -16,7 +16,7 @@ The streaming loop (lmadapt.stream.stream_eval) calls, per kind:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +36,7 @@ class Segment:
     logits: Tensor      # (L, V) base-model logits (float32, detached)
     log_probs: Tensor   # (L, V) base-model log-softmax
     targets: Tensor     # (L,) next words
+    keys: dict = field(default_factory=dict)  # key kind -> (L, d) kNN query vectors other than hidden
 
 
 @dataclass
@@ -86,6 +87,12 @@ class MixtureMethod(Method):
     base model by λ. It never changes the model."""
 
     default_lambda: ClassVar[float]   # λ when neither a flag nor a --config gives one
+
+    def key_kind(self) -> str:
+        """Which vectors this method queries with (asked after start()): "output" (the
+        segment's `hidden`) or a kind the backbone records (Backbone.record_keys), then
+        found in `Segment.keys`."""
+        return "output"
 
     def memory_window(self) -> int:
         """How many past positions this method reads from the shared memory (0: none)."""

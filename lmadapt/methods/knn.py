@@ -82,15 +82,22 @@ class KnnLM(MixtureMethod):
 
         self.store = open_datastore(self.params.datastore, threads=torch.get_num_threads())
         d = backbone_sizes(ctx.model)[0]
-        if d != self.store.dim:
+        if self.store.key_kind == "output" and d != self.store.dim:
             raise LmadaptError(f"datastore {self.store.path} has keys of dimension {self.store.dim}, the model {d}")
+
+    def key_kind(self) -> str:
+        return self.store.key_kind  # queries of the kind the datastore's keys are
 
     def neighbours(self, hidden: torch.Tensor):
         p = self.params
         return self.store.search(hidden, p.k, nprobe=p.nprobe, recompute=p.recompute)
 
     def target_log_probs(self, seg: Segment):
-        dist, ids = self.neighbours(seg.hidden)
+        queries = seg.keys.get(self.store.key_kind, seg.hidden) if self.store.key_kind != "output" else seg.hidden
+        if queries.size(-1) != self.store.dim:
+            raise LmadaptError(f"datastore {self.store.path} has keys of dimension {self.store.dim}, "
+                               f"the model's {self.store.key_kind} vectors {queries.size(-1)}")
+        dist, ids = self.neighbours(queries)
         log_p, available = knn_target_log_probs(dist, ids, self.store.values, seg.targets.cpu(),
                                                 self.params.temperature)
         return log_p.to(seg.hidden.device), available.to(seg.hidden.device)

@@ -122,6 +122,10 @@ class MbPA(MixtureMethod):
             from lmadapt.datastore import open_datastore
 
             self.store = open_datastore(self.params.datastore, threads=torch.get_num_threads())
+            if self.store.key_kind != "output":
+                raise LmadaptError(f"mbpa source {self.params.source} adapts the output layer at the datastore's keys, "
+                                   f"so it needs a datastore of output keys; {self.store.path} holds "
+                                   f"{self.store.key_kind} keys")
         self.decoder = ctx.model.output_layer()  # shares the weight: sees dyneval's updates
         p = self.params
         self.local = LinearMbPA(self.decoder.weight.detach(), self.decoder.bias.detach(), k=p.k, alpha=p.alpha,
