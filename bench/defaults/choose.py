@@ -1,5 +1,6 @@
-"""Pick each method's default from the sweeps of several models: the setting (and λ) with the
-best mean relative gain on valid over all the models swept.
+"""Pick each method's default from the sweeps of several models: the setting (and λ) whose
+largest shortfall from any model's own best setting (in points of relative gain on valid)
+is smallest; ties go to the best mean gain.
 
     python bench/defaults/choose.py bench/defaults/results/sweep-*.json --out bench/defaults/results/choice.json
 
@@ -50,7 +51,11 @@ def main(argv=None) -> int:
         if not common:
             continue
         mean = {c: sum(pm[c] for pm in per_model) / len(per_model) for c in common}
-        chosen = min(mean, key=mean.get)
+        # The default should lose little against what tuning would find on *every* model:
+        # choose by the largest shortfall from each model's own best (then by the mean gain).
+        best = [min(pm.values()) for pm in per_model]
+        regret = {c: max(pm[c] - b for pm, b in zip(per_model, best)) for c in common}
+        chosen = min(common, key=lambda c: (round(regret[c], 6), mean[c]))
         cls = REGISTRY[method]
         grid_keys = list(cls.grid_for({}))
         defaults = key_of({k: getattr(cls.Params(), k) for k in grid_keys})
@@ -60,6 +65,7 @@ def main(argv=None) -> int:
 
         def row(c):
             return {"setting": c[0], "lambda": c[1], "mean_delta_percent": mean.get(c),
+                    "max_shortfall_points": regret.get(c),
                     "delta_percent": {m: pm.get(c) for m, pm in zip(models, per_model)}}
 
         entry = {"chosen": row(chosen),
@@ -68,9 +74,9 @@ def main(argv=None) -> int:
                  "settings_tried": len({c[0] for c in common})}
         if paper_key is not None:
             entry["paper"] = row((paper_key, paper_lam))
-        entry["top"] = [row(c) for c in sorted(mean, key=mean.get)[:10]]
+        entry["top"] = [row(c) for c in sorted(common, key=lambda c: (round(regret[c], 6), mean[c]))[:10]]
         report["methods"][method] = entry
-        print(f"{method}: chosen {chosen[0]} λ={chosen[1]} mean {mean[chosen]:+.2f}% "
+        print(f"{method}: chosen {chosen[0]} λ={chosen[1]} mean {mean[chosen]:+.2f}% shortfall {regret[chosen]:.2f} "
               + " ".join(f"{m} {pm[chosen]:+.2f}% (own best {min(pm.values()):+.2f}%)" for m, pm in zip(models, per_model)))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
