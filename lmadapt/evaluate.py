@@ -17,7 +17,7 @@ from lmadapt import runs
 from lmadapt.errors import LmadaptError
 from lmadapt.methods import BASE, REGISTRY, Method, adapter_names, combination_name, mixture_names, parse_combination
 from lmadapt.mix import check_lambdas, mix_log_probs, perplexity
-from lmadapt.params import check_number, to_float, to_int
+from lmadapt.params import parse_value
 from lmadapt.stream import StreamResult, stream_eval
 
 TOKENS_FORMAT = "lmadapt-tokens"
@@ -30,21 +30,13 @@ _V1_BASE = "lstm"
 
 def coerce_param(method: str, name: str, value, default):
     """A method hyper-parameter from a flag, JSON or a grid, typed like its default and
-    checked against the method's declared range (lmadapt.params)."""
+    checked against the method's declared range: the CLI's one value parser
+    (lmadapt.params.parse_value)."""
     flag = f"--{method}-{name.replace('_', '-')}"
-    if isinstance(default, bool):
-        text = str(value).strip().lower()
-        if value is True or text in ("true", "1", "yes"):
-            return True
-        if value is False or text in ("false", "0", "no"):
-            return False
-        raise LmadaptError(f"{flag} expects true or false, got {value!r}")
-    if isinstance(value, (bool, list, dict)) or value is None:
-        raise LmadaptError(f"{flag} expects a {type(default).__name__}, got {value!r}")
-    if isinstance(default, (int, float)):
-        value = to_int(value, flag) if isinstance(default, int) else to_float(value, flag)
-        return check_number(flag, value, getattr(REGISTRY[method].Params, "RANGES", {}).get(name))
-    return str(value)
+    kind = type(default) if isinstance(default, (bool, int, float)) else str
+    if value is None or isinstance(value, (list, dict)) or (isinstance(value, bool) and kind is not bool):
+        raise LmadaptError(f"{flag} expects a {kind.__name__}, got {value!r}")
+    return parse_value(value, kind, flag, getattr(REGISTRY[method].Params, "RANGES", {}).get(name))
 
 
 def build_methods(names: list[str], params: dict[str, dict]) -> list[Method]:
