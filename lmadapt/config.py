@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from lmadapt.errors import LmadaptError
 from lmadapt.model import LMConfig
 from lmadapt.params import NON_NEGATIVE, POSITIVE, PROBABILITY, Range, at_least, between, check_number
-from lmadapt.params import to_float, to_int
+from lmadapt.params import parse_value, to_float
 
 
 @dataclass
@@ -120,17 +120,11 @@ def _coerce(value: Any, type_name: str, full_key: str) -> Any:
         return None
     if value is None and "None" in t:
         return None
-    if t.startswith("bool"):
-        text = str(value).strip().lower()
-        if value is True or text in ("true", "1", "yes", "on"):
-            return True
-        if value is False or text in ("false", "0", "no", "off"):
-            return False
-        raise LmadaptError(f"{full_key} expects true or false, got {value!r}")
-    if t.startswith("int"):
-        return to_int(value, full_key) if not isinstance(value, bool) else _wrong(full_key, t, value)
-    if t.startswith("float"):
-        return to_float(value, full_key) if not isinstance(value, bool) else _wrong(full_key, t, value)
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if t.startswith(name):  # the CLI's one value parser (ranges are checked with RANGES later)
+            if isinstance(value, bool) and kind is not bool:
+                _wrong(full_key, t, value)
+            return parse_value(value, kind, full_key)
     if t.startswith("tuple"):
         if isinstance(value, str):
             try:
