@@ -38,7 +38,7 @@ SETTINGS = {
     "dyneval": [{"lr": 0.01, "decay": 0.002, "stat_batch": 4}],
     "mbpa": [{"memory": 12, "k": 4, "alpha": 0.5, "steps": 1},
              {"memory": 12, "k": 4, "alpha": 0.5, "steps": 2, "beta": 0.1}],
-    "cache": [{"window": 8, "theta": 0.5}],
+    "cache": [{"window": 8, "theta": 0.5}, {"window": 8}],  # fixed θ and the scaled one
 }
 # Each component keeps its own column in a mixture, so the mixture of every method also checks
 # each one on an adapting model (dyneval+mbpa+cache is that mixture less knn, which adds nothing

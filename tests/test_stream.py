@@ -44,10 +44,12 @@ def _hidden_and_logits(model, stream):
     return hidden[0], logits[0]
 
 
-def test_cache_matches_per_token_reference_and_starts_empty():
+@pytest.mark.parametrize("theta", [0.7, 0.0])  # fixed θ, and the scaled θ (the default)
+def test_cache_matches_per_token_reference_and_starts_empty(theta):
     model, stream = tiny_lm(), motif_stream(120)
-    window, theta = 15, 0.7
-    r = stream_eval(model, stream, [NeuralCache(CacheParams(window=window, theta=theta))], {"cache": 0.3}, segment_len=32)
+    window, c = 15, 2.5
+    params = CacheParams(window=window, theta=theta, theta_scaled=c)
+    r = stream_eval(model, stream, [NeuralCache(params)], {"cache": 0.3}, segment_len=32)
     hidden, _ = _hidden_and_logits(model, stream)
     targets = stream[1:]
     log_p, available = r.components["cache"]
@@ -55,7 +57,9 @@ def test_cache_matches_per_token_reference_and_starts_empty():
     torch.testing.assert_close(r.mixed[0], r.base[0])  # empty cache: λ goes back to the model
     for t in range(1, len(targets)):
         lo = max(0, t - window)
-        scores = theta * hidden[lo:t] @ hidden[t]
+        # the scaled θ: c over the mean squared norm of the keys t can see (positions lo..t-1)
+        th = theta if theta > 0 else c / hidden[lo:t].pow(2).sum(1).mean()
+        scores = th * hidden[lo:t] @ hidden[t]
         attn = torch.softmax(scores, 0)
         p = attn[targets[lo:t] == targets[t]].sum()
         expected = torch.log(p) if p > 0 else torch.tensor(float("-inf"))

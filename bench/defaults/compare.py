@@ -63,13 +63,16 @@ def main(argv=None) -> int:
     import torch
 
     from lmadapt.cli import main as lmadapt
+    from lmadapt.methods import REGISTRY
 
     sweep = json.loads(Path(args.sweep).read_text())
     columns = torch.load(args.columns, weights_only=True) if args.columns else None
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.is_file() else {}
     report.update({"model": args.name, "run_dir": str(Path(args.run_dir).resolve()), "split": "test",
-                   "tokens": args.tokens, "threads": args.threads, "command": " ".join(sys.argv)})
+                   "tokens": args.tokens, "threads": args.threads})
+    # every invocation that wrote into this file, in order (a rerun adds settings or rows)
+    report.setdefault("commands", [report.pop("command")] if "command" in report else []).append(" ".join(sys.argv))
     rows = report.setdefault("rows", {})
 
     def save():
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
         save()
     for combo in args.combos.split(","):
         names = combo.split("+")
-        variants = {"paper": ["--preset", "paper"], "defaults": [], "tune": ["--tune"]}
+        variants = {"defaults": [], "paper": ["--preset", "paper"], "tune": ["--tune"]}
         if len(names) == 1:
             params, lambdas = own_best(sweep, combo)
         elif columns is not None:
@@ -109,6 +112,11 @@ def main(argv=None) -> int:
         for variant, extra in variants.items():
             label = f"{combo} {variant}"
             if label in rows:
+                continue
+            if variant == "paper" and not any("paper" in getattr(REGISTRY[n], "PRESETS", {}) for n in names):
+                # No paper preset for these methods: `--preset paper` runs the defaults again.
+                rows[label] = {**rows[f"{combo} defaults"], "variant": variant, "same_as": "defaults"}
+                save()
                 continue
             r = run(label, ["--method", combo, *extra] if variant != "grid" else extra)
             e = r["report"]["methods"][combo]

@@ -65,7 +65,9 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     report = json.loads(out.read_text()) if out.is_file() else {}
     report.update({"model": args.name, "run_dir": str(Path(args.run_dir).resolve()), "split": "valid",
-                   "threads": args.threads, "lambdas": LAMBDAS, "command": " ".join(sys.argv)})
+                   "threads": args.threads, "lambdas": LAMBDAS})
+    # every invocation that wrote into this file, in order (a rerun adds settings or rows)
+    report.setdefault("commands", [report.pop("command")] if "command" in report else []).append(" ".join(sys.argv))
     report.setdefault("methods", {})
 
     def save():

@@ -55,17 +55,22 @@ def main() -> None:
     rows = []
     if a.stock:
         rows.append(run_row(out / "hf", "hf", f"pretrained={Path(a.run) / 'hf'}", a.text, a.task, a.threads))
+        write_summary(out, rows)
     for method in a.methods.split(","):
         for scope in a.scopes.split(","):
             args = f"run={a.run},method={method},scope={scope}" + (f",{a.extra}" if a.extra else "")
             rows.append(run_row(out / f"{method}-{scope}", "lmadapt", args, a.text, a.task, a.threads))
             print(rows[-1], flush=True)
+            write_summary(out, rows)  # after every row: an interrupted benchmark keeps what it measured
+    print((out / "summary.md").read_text())
+
+
+def write_summary(out: Path, rows: list[dict]) -> None:
     lines = ["| model | model_args | word_perplexity | bits_per_byte | wall s |", "|---|---|---:|---:|---:|"]
     lines += [f"| {r['model']} | `{r['model_args']}` | {r['word_perplexity']:.4f} | {r['bits_per_byte']:.4f} | "
               f"{r['wall_s']} |" for r in rows]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "rows.json").write_text(json.dumps(rows, indent=1))
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
