@@ -394,12 +394,23 @@ def cmd_eval(args) -> int:
         print(format_table(report))
         if names:
             print(f"settings: {settings['source']}")
+            _warn_if_worse(report, combination_name(names))
         rescue = Path(args.run_dir) if args.run_dir else None
         if json_out is not None:
             runs.save_output(json_out, lambda p: runs.write_json(p, report), rescue_dir=rescue)
         if tokens_out is not None:
             runs.save_output(tokens_out, lambda p: save_tokens(p, tokens), rescue_dir=rescue)
     return 0
+
+
+def _warn_if_worse(report: dict, combo: str) -> None:
+    """A gradient method whose step is too large for the model makes it worse, not better (on
+    the GPT-2 recipe model dyneval's reference rate multiplied perplexity tenfold): say so."""
+    entry, base = report["methods"][combo], report["methods"]["base"]["ppl"]
+    if "dyneval" in combo.split("+") and entry["ppl"] > base * 1.001:  # beyond rounding
+        runs.warn(f"{combo} made perplexity worse than the base model ({entry['ppl']:.2f} vs {base:.2f}): "
+                  "its learning rate is too large for this model; try --tune or a smaller --dyneval-lr "
+                  "(docs/dyneval.md)")
 
 
 def _settings_record(args, names: list[str]) -> dict:

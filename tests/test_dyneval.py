@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from lmadapt.errors import LmadaptError
 from lmadapt.methods import dyneval as dyneval_module
-from lmadapt.methods.dyneval import DynamicEvaluation, DynEvalParams, REFERENCE_DECAYS, REFERENCE_LRS
+from lmadapt.methods.dyneval import LOW_LRS, DynamicEvaluation, DynEvalParams, REFERENCE_DECAYS, REFERENCE_LRS
 from lmadapt.stream import stream_eval
 
 from conftest import TrainSplit as _Corpus
@@ -114,16 +114,16 @@ def test_defaults_and_grid_are_the_reference_ones():
     p = DynEvalParams()
     assert (p.lr, p.decay, p.eps, p.segment, p.variant, p.stat_batch, p.max_batches) == \
         (5e-5, 0.002, 2e-5, 5, "rms", 100, 0)
-    assert DynamicEvaluation.grid_for({}) == {"lr": REFERENCE_LRS, "decay": REFERENCE_DECAYS}
+    assert DynamicEvaluation.grid_for({}) == {"lr": REFERENCE_LRS + LOW_LRS, "decay": REFERENCE_DECAYS}
     g20 = DynamicEvaluation.grid_for({"segment": "20"})  # as from a CLI flag
-    assert g20["lr"] == pytest.approx([4 * v for v in REFERENCE_LRS])
+    assert g20["lr"] == pytest.approx([4 * v for v in REFERENCE_LRS + LOW_LRS])
     assert g20["decay"] == pytest.approx([4 * v for v in REFERENCE_DECAYS])
 
     from lmadapt.tune import _settings
 
     settings = _settings("dyneval", {"segment": 10}, {})
-    assert len(settings) == 24
-    assert sorted({s["lr"] for s in settings}) == pytest.approx([2 * v for v in REFERENCE_LRS])
+    assert len(settings) == 32
+    assert sorted({s["lr"] for s in settings}) == pytest.approx(sorted(2 * v for v in REFERENCE_LRS + LOW_LRS))
 
 
 def test_bad_settings_are_one_line_errors():

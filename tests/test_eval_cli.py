@@ -130,3 +130,13 @@ def test_eval_missing_run_and_vocab_mismatch(trained, tmp_path, capsys):
     other = write_markov_corpus(tmp_path / "other", seed=7, words=25)
     assert _cli("eval", root / "run", "--data", other, "--method", "cache") == 2
     assert "does not match corpus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lr, warned", [(5.0, True), (0.0, False)])
+def test_eval_warns_when_dyneval_makes_the_model_worse(trained, tmp_path, capsys, lr, warned):
+    from conftest import copy_run
+
+    run = copy_run(trained[0] / "run", tmp_path / "run")  # dyneval caches its statistics in the run
+    assert _cli("eval", run, "--split", "test", "--method", "dyneval", "--dyneval-lr", lr, "--dyneval-variant",
+                "sgd", "--tokens", 150, "--threads", 1) == 0
+    assert ("made perplexity worse than the base model" in capsys.readouterr().err) == warned

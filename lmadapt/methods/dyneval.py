@@ -47,6 +47,10 @@ _RECENT: dict[str, list[torch.Tensor]] = {}
 # The reference's hyper-parameter grid at L = 5 (dynamiceval.py --grid); both axes scale by L/5.
 REFERENCE_LRS = [3e-5, 4e-5, 5e-5, 6e-5, 7e-5, 1e-4]
 REFERENCE_DECAYS = [0.001, 0.002, 0.003, 0.005]
+# Below the reference's grid, for Transformers: every reference rate diverged on the GPT-2
+# recipe model (its output layer's inputs have ~23x the LSTM's squared norm, so a step of
+# the same size moves the logits further); 1e-5 gained there (docs/dyneval.md).
+LOW_LRS = [1e-5, 2e-5]
 
 
 @dataclass
@@ -73,7 +77,7 @@ def select_parameters(model, adapt: str) -> list[torch.nn.Parameter]:
 class DynamicEvaluation(ModelAdapter):
     name = "dyneval"
     Params = DynEvalParams
-    grid = {"lr": REFERENCE_LRS, "decay": REFERENCE_DECAYS}
+    grid = {"lr": REFERENCE_LRS + LOW_LRS, "decay": REFERENCE_DECAYS}
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -94,9 +98,9 @@ class DynamicEvaluation(ModelAdapter):
 
     @classmethod
     def grid_for(cls, fixed: dict) -> dict:
-        """The reference's grid, both axes scaled by L/5 as its --grid does."""
+        """The reference's grid (with LOW_LRS after it), both axes scaled by L/5 as its --grid does."""
         scale = float(fixed.get("segment", cls.Params().segment)) / 5.0
-        return {"lr": [v * scale for v in REFERENCE_LRS], "decay": [v * scale for v in REFERENCE_DECAYS]}
+        return {"lr": [v * scale for v in REFERENCE_LRS + LOW_LRS], "decay": [v * scale for v in REFERENCE_DECAYS]}
 
     def start(self, ctx) -> None:
         model = ctx.model
