@@ -406,7 +406,9 @@ def cmd_eval(args) -> int:
 def _warn_if_worse(report: dict, combo: str) -> None:
     """A gradient method whose step is too large for the model makes it worse, not better (on
     the GPT-2 recipe model dyneval's reference rate multiplied perplexity tenfold): say so."""
-    entry, base = report["methods"][combo], report["methods"]["base"]["ppl"]
+    from lmadapt.methods import BASE
+
+    entry, base = report["methods"][combo], report["methods"][BASE]["ppl"]
     if "dyneval" in combo.split("+") and entry["ppl"] > base * 1.001:  # beyond rounding
         runs.warn(f"{combo} made perplexity worse than the base model ({entry['ppl']:.2f} vs {base:.2f}): "
                   "its learning rate is too large for this model; try --tune or a smaller --dyneval-lr "
