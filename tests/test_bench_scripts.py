@@ -108,3 +108,55 @@ def test_bucket_mass_matches_report_buckets_and_a_direct_sum(one_thread):
     with torch.no_grad():
         model.decoder.bias[kinds == 3] += 2.0
     assert bm.bucket_mass(model, stream, kinds, 4, rows=4)[3] > mass[3] + 0.05
+
+
+def _columns(seed: int, n: int = 400) -> dict:
+    """Sweep-style per-token columns: a base and two settings of each of two mixture methods,
+    with some tokens where a method is unavailable (its λ mass goes back to the base)."""
+    g = torch.Generator().manual_seed(seed)
+    lp = lambda: torch.log(torch.rand(n, generator=g, dtype=torch.float64) * 0.5 + 1e-3)  # noqa: E731
+    avail = lambda: torch.rand(n, generator=g) > 0.1  # noqa: E731
+    return {"base": lp(), "mbpa:a=1": (lp(), avail()), "mbpa:a=2": (lp(), avail()),
+            "cache:w=1": (lp(), avail()), "cache:w=2": (lp(), avail())}
+
+
+def test_choose_mixture_candidates_equal_the_log_space_mixture():
+    """choose.py mixes in probability space, vectorised over λ tuples; every candidate must be
+    the perplexity lmadapt.mix gives for the same columns and λ (the function eval uses)."""
+    from lmadapt.mix import mix_log_probs, perplexity
+
+    choose = _load("defaults/choose.py")
+    cols = _columns(0)
+    sweep = {"lambdas": [0.05, 0.3, 0.6]}
+    got = choose.mixture_candidates(sweep, cols, ["mbpa", "cache"])
+    assert len(got) == 4 * 8  # 2x2 settings; the λ pairs with sum <= 1 (0.6+0.6 is left out)
+    base = perplexity(cols["base"])
+    for (keys, lams), delta in got.items():
+        comps = {n: cols[f"{n}:{k}"] for n, k in zip(["mbpa", "cache"], keys)}
+        ppl = perplexity(mix_log_probs(cols["base"], comps, dict(zip(["mbpa", "cache"], lams))))
+        assert delta == pytest.approx(100 * (ppl / base - 1), abs=1e-9)
+
+
+def test_choose_mixture_minimises_the_largest_shortfall(tmp_path):
+    """The joint λ is the tuple (at each method's chosen setting) whose worst shortfall from any
+    model's own best mixture is smallest: recomputed here by brute force over the candidates."""
+    choose = _load("defaults/choose.py")
+    sweeps, files = [], []
+    for seed in (1, 2, 3):
+        path = tmp_path / f"cols{seed}.pt"
+        torch.save(_columns(seed), path)
+        sweeps.append({"model": f"m{seed}", "lambdas": [0.05, 0.1, 0.2, 0.3]})
+        files.append(str(path))
+    methods = {"mbpa": {"chosen": {"setting": "a=2", "lambda": 0.05}},
+               "cache": {"chosen": {"setting": "w=1", "lambda": 0.2}}}
+    out = choose.choose_mixture("mbpa+cache", sweeps, files, methods)
+    fulls = [choose.mixture_candidates(s, torch.load(f, weights_only=True), ["mbpa", "cache"])
+             for s, f in zip(sweeps, files)]
+    best = [min(f.values()) for f in fulls]
+    regret = {c: max(f[c] - b for f, b in zip(fulls, best)) for c in fulls[0] if c[0] == ("a=2", "w=1")}
+    want = min(regret, key=lambda c: (round(regret[c], 6), sum(f[c] for f in fulls)))
+    assert out["chosen"]["lambdas"] == dict(zip(["mbpa", "cache"], want[1]))
+    assert out["chosen"]["max_shortfall_points"] == pytest.approx(regret[want])
+    assert out["lambdas_alone"]["lambdas"] == {"mbpa": 0.05, "cache": 0.2}
+    assert out["free_settings"]["max_shortfall_points"] <= out["chosen"]["max_shortfall_points"] + 1e-12
+    assert out["own_best"]["m1"]["delta_percent"] == pytest.approx(best[0])
