@@ -54,6 +54,44 @@ def tiny_lm(vocab: int = 30, seed: int = 0):
     return model
 
 
+# Tiny Transformer backbones: a KV window of CONTEXT positions that keeps KEEP when it fills.
+CONTEXT, KEEP = 16, 5
+
+
+def tiny_gpt2(vocab=30, seed=0, context=CONTEXT, keep=KEEP):
+    """A 2-layer 16-wide transformers GPT-2 behind lmadapt's HF backbone (needs the [hf] extra)."""
+    import transformers
+
+    from lmadapt.backbones.hf import HFCausalLM
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=context, n_embd=16, n_layer=2, n_head=2,
+                                  bos_token_id=None, eos_token_id=None)
+    lm = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # a peakier softmax than the 0.02-std init gives
+        lm.transformer.wte.weight.mul_(15)
+    return HFCausalLM(lm, context=context, keep=keep).eval()
+
+
+def tiny_llama(vocab=30, seed=0, context=CONTEXT, keep=KEEP):
+    """A 2-layer Llama-style model (rotary positions, grouped KV heads), as tiny_gpt2."""
+    import transformers
+
+    from lmadapt.backbones.hf import HFCausalLM
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=context,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    lm = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        lm.lm_head.weight.mul_(15)
+    return HFCausalLM(lm, context=context, keep=keep).eval()
+
+
+BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
 def motif_stream(n: int, vocab: int = 30, seed: int = 1) -> torch.Tensor:
     """A token stream that repeats a 23-token motif 70 % of the time, noise otherwise.
 

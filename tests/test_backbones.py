@@ -26,34 +26,8 @@ from lmadapt.stream import stream_eval  # noqa: E402
 from lmadapt.train import fit  # noqa: E402
 
 from conftest import TrainSplit as _Corpus  # noqa: E402
+from conftest import BUILDERS, CONTEXT, KEEP, tiny_gpt2, tiny_llama  # noqa: E402,F401
 from conftest import motif_stream, tiny_config  # noqa: E402
-
-CONTEXT, KEEP = 16, 5
-
-
-def tiny_gpt2(vocab=30, seed=0, context=CONTEXT, keep=KEEP):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=context, n_embd=16, n_layer=2, n_head=2,
-                                  bos_token_id=None, eos_token_id=None)
-    lm = transformers.GPT2LMHeadModel(cfg)
-    with torch.no_grad():  # a peakier softmax than the 0.02-std init gives
-        lm.transformer.wte.weight.mul_(15)
-    return HFCausalLM(lm, context=context, keep=keep).eval()
-
-
-def tiny_llama(vocab=30, seed=0, context=CONTEXT, keep=KEEP):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=context,
-                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    lm = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        lm.lm_head.weight.mul_(15)
-    return HFCausalLM(lm, context=context, keep=keep).eval()
-
-
-BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,7 +1,9 @@
 """No method ever uses the token it is scoring, or any later one.
 
 For every registered method (the registry is iterated, so a new method is covered when it
-is registered) and the mixtures below, at several segment lengths, on a tiny model:
+is registered) and the mixtures below, at several segment lengths, on a tiny model of every
+backbone (the LSTM, and through the transformers backbone a GPT-2, whose KV window re-encodes
+when it fills, and a Llama-style model, whose rotary window is trimmed):
 
 * changing the stream from token t on leaves every score of tokens before t bit-identical
   (base, each component, its availability, the mixture) -- checked at cuts t, t+1, t+2,
@@ -26,7 +28,7 @@ from lmadapt.methods import dyneval as dyneval_module
 from lmadapt.stream import stream_eval
 
 from conftest import TrainSplit as _Corpus
-from conftest import motif_stream, tiny_lm
+from conftest import BUILDERS, motif_stream, tiny_lm
 
 V = 10          # vocabulary of the tiny model: check 2 runs the stream once per value
 N = 26          # stream tokens
@@ -60,14 +62,20 @@ def _cases():
     return cases
 
 
-@pytest.fixture(scope="module")
-def setup(one_thread, tmp_path_factory):
+@pytest.fixture(scope="module", params=["lstm", "gpt2", "llama"])
+def setup(request, one_thread, tmp_path_factory):
     from lmadapt import datastore, runs
 
     dyneval_module._RECENT.clear()
-    model, corpus = tiny_lm(vocab=V, seed=2), _Corpus(motif_stream(300, vocab=V, seed=5))
+    if request.param == "lstm":
+        model = tiny_lm(vocab=V, seed=2)
+    else:
+        pytest.importorskip("transformers")
+        # context 8, keep 3: the 26-token stream fills the window several times
+        model = BUILDERS[request.param](vocab=V, seed=2, context=8, keep=3)
+    corpus = _Corpus(motif_stream(300, vocab=V, seed=5))
     # knn reads a datastore of the training stream (exact index): built once for the module.
-    root = tmp_path_factory.mktemp("causal")
+    root = tmp_path_factory.mktemp(f"causal-{request.param}")
     runs.save_tensors(root / runs.BEST, model.state_dict())
     datastore.build(root, root / "ds", model=model, corpus=corpus, index="flat",
                     layout=datastore.Layout(row=100, warmup=10, rows_per_part=1), log=lambda m: None)
