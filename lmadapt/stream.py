@@ -136,8 +136,11 @@ def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str,
     # segment's temporaries needed fresh heap and the RSS grew by ~V floats per token (1 GB
     # per 8k tokens at V=33k; ~30 GB for the WikiText-2 test set).
     base_out = torch.empty(n, device=device)
-    comp_out = {m.name: (torch.empty(n, device=device), torch.empty(n, dtype=torch.bool, device=device))
-                for m in mixers}
+    columns = [m.column or m.name for m in mixers]
+    if len(set(columns)) < len(columns):
+        raise ValueError(f"two mixture methods share a column name: {columns}; label them (MixtureMethod.column)")
+    comp_out = {c: (torch.empty(n, device=device), torch.empty(n, dtype=torch.bool, device=device))
+                for c in columns}
     state = model.init_state(1, device)
     bar = tqdm(total=n, desc=desc, unit="tok", disable=not (desc and progress_enabled()), leave=False)
     start = time.perf_counter()
@@ -154,10 +157,10 @@ def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str,
         if memory is not None:
             memory.add(seg.hidden, y, seg.positions, **extras_of(seg))
         with torch.no_grad():
-            for m in mixers:
+            for m, c in zip(mixers, columns):
                 log_p, available = m.target_log_probs(seg)
-                comp_out[m.name][0][s:e] = log_p
-                comp_out[m.name][1][s:e] = available
+                comp_out[c][0][s:e] = log_p
+                comp_out[c][1][s:e] = available
         if adapters:
             loss = -base.mean()
             for m in adapters:

@@ -1,12 +1,14 @@
 """`lmadapt tune`: grid search on a validation split.
 
-Mixture components are independent of each other given the base model, so each
-mixture method's grid is run on its own (one streaming pass per setting, every
-pass storing per-token target log-probabilities), and the joint choice of
-settings and λ is then a sweep over stored columns that never touches the
-model again. Dynamic evaluation changes the base model, so when it is part of
-the combination its grid is searched first (alone), and the mixture methods are
-then tuned on top of the best dynamic-evaluation setting.
+Mixture components are independent of each other given the base model, so every
+setting of every mixture method runs side by side in one streaming pass (each a
+labelled column of per-token target log-probabilities, all reading the one shared
+memory), and the joint choice of settings and λ is then a sweep over stored
+columns that never touches the model again. Dynamic evaluation changes the base
+model, so when it is part of the combination its grid is searched first (one pass
+per setting), and that one mixture pass then runs on top of the best
+dynamic-evaluation setting: the adapted model's forward, backward and update are
+paid once for all mixture settings instead of once per setting.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
     mixers = mixture_names(names)
     adapters = adapter_names(names)
     plan = {n: _settings(n, params.get(n, {}), grid_overrides.get(n, {})) for n in names}
-    passes = sum(len(v) for v in plan.values()) + 1
+    passes = count_passes(names, plan)
     if passes > max_passes:
         sizes = ", ".join(f"{n}: {len(v)}" for n, v in plan.items())
         raise LmadaptError(f"the grid needs {passes} passes over {split} ({sizes}); narrow it with --grid "
@@ -119,15 +121,14 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
                 best = (ppl, setting, r.base)
         chosen[name] = best[1]
         base = best[2]
-    # Each mixer's settings, run on top of the chosen base model.
-    columns: dict[str, list[tuple[dict, tuple]]] = {}
-    for name in mixers:
-        columns[name] = []
-        for setting in plan[name]:
-            methods = build_methods(adapters, chosen) + build_methods([name], {name: setting})
-            r = run(methods)
-            columns[name].append((setting, r.components[name]))
-            base = r.base if adapters else base
+    # Every mixer setting, side by side in one pass on top of the chosen base model.
+    columns: dict[str, list[tuple[dict, tuple]]] = {name: [] for name in mixers}
+    if mixers:
+        labelled = mixer_pass(mixers, plan)
+        r = run(build_methods(adapters, chosen) + [m for _, _, m in labelled])
+        for name, setting, m in labelled:
+            columns[name].append((setting, r.components[m.column]))
+        base = r.base if adapters else base
     bar.close()
 
     # Joint sweep over settings and λ: only stored columns, no model. λ = 0 switches a
@@ -180,6 +181,24 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
     }
 
 
+def count_passes(names: list[str], plan: dict[str, list[dict]]) -> int:
+    """Streaming passes of a grid: the plain model, one per model-adapter setting, and one
+    for all mixture settings together."""
+    return 1 + sum(len(plan[n]) for n in adapter_names(names)) + (1 if mixture_names(names) else 0)
+
+
+def mixer_pass(mixers: list[str], plan: dict[str, list[dict]]) -> list[tuple[str, dict, MixtureMethod]]:
+    """(name, setting, method) for every setting of every mixer, each method labelled with
+    its own column so that all run in one stream_eval pass."""
+    out = []
+    for name in mixers:
+        for i, setting in enumerate(plan[name]):
+            m = build_methods([name], {name: setting})[0]
+            m.column = f"{name}#{i}"
+            out.append((name, setting, m))
+    return out
+
+
 MIN_TUNE_TOKENS = 200  # below this a grid search on a prefix says more about noise than settings
 
 
@@ -206,21 +225,33 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
     names = parse_combination(method)
     params = params or {}
     grids = grid_with_defaults(names, params)
-    passes = sum(len(_settings(n, params.get(n, {}), grids.get(n, {}))) for n in names) + 1
+    plan = {n: _settings(n, params.get(n, {}), grids.get(n, {})) for n in names}
+    passes = count_passes(names, plan)
+    adapters, mixers = adapter_names(names), mixture_names(names)
     stream = corpus.split(split)
     whole = available = stream.numel() - 1
     if max_tokens is not None:
         available = min(available, max_tokens)
     start = time.perf_counter()
     probe = min(probe_tokens, available)
-    lam = {n: 0.0 for n in mixture_names(names)}
-    stream_eval(model, stream[:probe + 1], build_methods(names, params), lam, corpus=corpus, device=device,
-                segment_len=segment_len, cache_dir=cache_dir)
-    per_token = (time.perf_counter() - start) / max(probe, 1)
+
+    def price(methods) -> float:
+        """Seconds per token of one pass of `methods`, timed on the probe prefix."""
+        t0 = time.perf_counter()
+        stream_eval(model, stream[:probe + 1], methods, {}, corpus=corpus, device=device,
+                    segment_len=segment_len, cache_dir=cache_dir)
+        return (time.perf_counter() - t0) / max(probe, 1)
+
+    # The plain and the adapter passes each cost at most the combination at its current
+    # settings (an upper bound); the mixture pass, all settings together, is timed itself.
+    combo = price(build_methods(names, params))
+    per_token = combo * (1 + sum(len(plan[n]) for n in adapters))
+    if mixers:
+        per_token += price(build_methods(adapters, params) + [m for _, _, m in mixer_pass(mixers, plan)])
     left = 60 * minutes - (time.perf_counter() - start)
-    tokens = min(available, int(left / (passes * per_token))) if left > 0 else 0
+    tokens = min(available, int(left / per_token)) if left > 0 else 0
     if tokens < MIN_TUNE_TOKENS:
-        need = passes * per_token * MIN_TUNE_TOKENS / 60
+        need = per_token * MIN_TUNE_TOKENS / 60
         return {"fallback": f"--tune-minutes {minutes:g} is too short for the {passes}-pass grid even on "
                             f"{MIN_TUNE_TOKENS} {split} tokens (about {need:.1f} min needed)"}
     best = tune(model, corpus, method, split=split, params=params, grid_overrides=grids, device=device,

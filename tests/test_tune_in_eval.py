@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 import lmadapt.tune as tune_module
 from lmadapt.corpus import load_corpus
@@ -187,3 +188,39 @@ def test_tune_on_an_hf_model_uses_the_corpus_valid_split(tmp_path, capsys):
     assert "tuned on valid[:" in capsys.readouterr().err
     assert rep["settings"]["tuned_on"]["split"] == "valid" and rep["settings"]["tuned_on"]["of"] == corpus.valid.numel() - 1
     assert rep["tokens"] == corpus.test.numel() - 1
+
+
+@pytest.mark.parametrize("adapter", [[], ["dyneval"]])
+def test_mixer_settings_in_one_pass_equal_one_pass_each(adapter, one_thread):
+    """tune runs every mixer setting side by side in one pass (labelled columns reading one
+    shared memory); each column must equal that setting's own pass, on a fixed model and on
+    top of dynamic evaluation (which the one pass pays once instead of once per setting)."""
+    from conftest import TrainSplit, motif_stream, tiny_lm
+    from lmadapt.evaluate import build_methods
+    from lmadapt.methods import dyneval as dyneval_module
+
+    model, corpus = tiny_lm(seed=4), TrainSplit(motif_stream(400, seed=6))
+    stream = motif_stream(150, seed=7)
+    plan = {"cache": [{"window": 20, "theta": 0.5}, {"window": 100, "theta": 0.0}],
+            "mbpa": [{"memory": 30, "k": 4, "alpha": 0.5, "steps": 1},
+                     {"memory": 120, "k": 16, "alpha": 3.0, "steps": 2, "beta": 0.1}]}
+    fixed = {"dyneval": {"lr": 0.01, "decay": 0.002, "stat_batch": 4}}
+    dyneval_module._RECENT.clear()
+    labelled = tune_module.mixer_pass(list(plan), plan)
+    together = stream_eval(model, stream, build_methods(adapter, fixed) + [m for _, _, m in labelled], {},
+                           corpus=corpus, segment_len=7)
+    assert len(together.components) == 4
+    for name, setting, m in labelled:
+        alone = stream_eval(model, stream, build_methods(adapter, fixed) + build_methods([name], {name: setting}),
+                            {}, corpus=corpus, segment_len=7)
+        assert torch.equal(together.components[m.column][1], alone.components[name][1])
+        torch.testing.assert_close(together.components[m.column][0], alone.components[name][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(together.base, alone.base, atol=1e-6, rtol=0)
+    dyneval_module._RECENT.clear()
+
+
+def test_two_unlabelled_settings_of_one_method_are_refused():
+    from conftest import motif_stream, tiny_lm
+
+    with pytest.raises(ValueError, match="share a column"):
+        stream_eval(tiny_lm(), motif_stream(20), [NeuralCache(), NeuralCache()], {})

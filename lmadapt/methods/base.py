@@ -87,6 +87,9 @@ class MixtureMethod(Method):
     base model by λ. It never changes the model."""
 
     default_lambda: ClassVar[float]   # λ when neither a flag nor a --config gives one
+    # The key of this method's column in StreamResult.components; None: its name. `tune`
+    # labels the settings of one method it runs side by side in a single pass.
+    column: str | None = None
 
     def key_kind(self) -> str:
         """Which vectors this method queries with (asked after start()): "output" (the
