@@ -37,6 +37,7 @@ class StreamResult:
     mixed: Tensor | None = None          # (n,) log p of the mixture
     seconds: float = 0.0
     peak_memory_mb: float | None = None
+    stopped: bool = False                # `stop` ended the stream early: only its first tokens were scored
 
     @property
     def tokens(self) -> int:
@@ -92,11 +93,14 @@ def memory_extras_of(methods: list[MixtureMethod]):
 
 def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str, float], *, corpus=None,
                 device="cpu", segment_len: int | None = None, memory_index: str = "auto",
-                desc: str | None = None, cache_dir=None) -> StreamResult:
+                desc: str | None = None, cache_dir=None, stop=None) -> StreamResult:
     """Score `stream` with the base model and `methods`. `segment_len` is a speed knob only
     (None: the largest of the mixture methods' preferred lengths, else DEFAULT_SEGMENT); a
     model adapter fixes it to its own. `cache_dir`: where methods may cache what they
-    derive from the model (dyneval's gradient statistics); None caches nothing."""
+    derive from the model (dyneval's gradient statistics); None caches nothing. `stop`:
+    called after each segment with (tokens scored so far, the segment's base log p); when
+    it returns True the stream ends there and the result holds the tokens scored (tune
+    drops a diverging setting this way)."""
     device = torch.device(device)
     adapters = [m for m in methods if isinstance(m, ModelAdapter)]
     mixers = [m for m in methods if isinstance(m, MixtureMethod)]
@@ -168,14 +172,19 @@ def stream_eval(model, stream: Tensor, methods: list[Method], lambdas: dict[str,
         state = model.detach_state(new_state)
         base_out[s:e] = base.detach()
         bar.update(e - s)
+        if stop is not None and e < n and stop(e, base_out[s:e]):
+            n, stopped = e, True
+            break
+    else:
+        stopped = False
     seconds = time.perf_counter() - start
     bar.close()
     if key_kind is not None:
         model.record_keys(None)
 
-    result = StreamResult(targets=stream[1:n + 1].cpu(), base=base_out.cpu(), seconds=seconds)
+    result = StreamResult(targets=stream[1:n + 1].cpu(), base=base_out[:n].cpu(), seconds=seconds, stopped=stopped)
     for name, (lp, av) in comp_out.items():
-        result.components[name] = (lp.cpu(), av.cpu())
+        result.components[name] = (lp[:n].cpu(), av[:n].cpu())
     result.mixed = mix_log_probs(result.base, result.components, lambdas)
     if device.type == "cuda":
         result.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20

@@ -100,9 +100,9 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
                            f"or raise --max-passes")
     bar = tqdm(total=passes, desc="tune", unit="pass", disable=not progress_enabled())
 
-    def run(methods):
+    def run(methods, stop=None):
         result = stream_eval(model, stream, methods, {m.name: 0.0 for m in methods if isinstance(m, MixtureMethod)},
-                             corpus=corpus, device=device, segment_len=segment_len, cache_dir=cache_dir)
+                             corpus=corpus, device=device, segment_len=segment_len, cache_dir=cache_dir, stop=stop)
         bar.update(1)
         return result
 
@@ -114,11 +114,16 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
     for name in adapters:
         best = None
         for setting in plan[name]:
-            r = run(build_methods([name], {name: setting}))
+            r = run(build_methods([name], {name: setting}), stop=diverging(plain.base))
+            if r.stopped:  # diverged: not a candidate (the other settings are still searched)
+                trials.append({"params": {name: setting}, "ppl": None, "stopped_after_tokens": r.tokens})
+                continue
             ppl = perplexity(r.base)
             trials.append({"params": {name: setting}, "ppl": ppl})
             if best is None or ppl < best[0]:
                 best = (ppl, setting, r.base)
+        if best is None:
+            raise LmadaptError(f"every {name} setting of the grid diverged on {split}; give a smaller rate with --grid")
         chosen[name] = best[1]
         base = best[2]
     # Every mixer setting, side by side in one pass on top of the chosen base model.
@@ -159,7 +164,7 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
         return {n: dataclasses.asdict(build_methods([n], {n: merged.get(n, {})})[0].params) for n in active}
 
     full = full_params(best[1], names)
-    trials.sort(key=lambda t: t["ppl"])
+    trials.sort(key=lambda t: (t["ppl"] is None, t["ppl"] or 0.0))  # dropped (diverged) settings last
     subset_report = {}
     for key, (ppl, setting, lam) in subsets.items():
         active = parse_combination(key)
@@ -179,6 +184,30 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
         "top": trials[:20],
         "subsets": subset_report,
     }
+
+
+# A model-adapter pass is dropped once its perplexity so far is DIVERGED times the plain
+# model's on the same tokens, after DIVERGED_AFTER of the prefix (or at once if not finite):
+# on a Transformer most of the reference's dyneval rates diverge, and their full passes were
+# most of the time of a dyneval grid. A setting twice as bad as no adaptation over a
+# quarter of the prefix would have to beat the plain model by 1.5x on the rest to win.
+DIVERGED, DIVERGED_AFTER = 2.0, 0.25
+
+
+def diverging(plain):
+    """stream_eval's `stop` for an adapter pass: True once it has diverged (see DIVERGED)."""
+    plain_sum = plain.double().cumsum(0)
+    threshold = math.log(DIVERGED)
+    after = max(1, int(DIVERGED_AFTER * plain.numel()))
+    total = [0.0]
+
+    def stop(scored: int, seg_log_probs) -> bool:
+        total[0] += float(seg_log_probs.double().sum())
+        if not math.isfinite(total[0]):
+            return True
+        return scored >= after and float(plain_sum[scored - 1]) - total[0] > threshold * scored
+
+    return stop
 
 
 def count_passes(names: list[str], plan: dict[str, list[dict]]) -> int:

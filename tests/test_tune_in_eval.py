@@ -11,6 +11,7 @@ import torch
 
 import lmadapt.tune as tune_module
 from lmadapt.corpus import load_corpus
+from lmadapt.errors import LmadaptError
 from lmadapt.methods import NeuralCache
 from lmadapt.mix import perplexity
 from lmadapt.stream import stream_eval
@@ -224,3 +225,47 @@ def test_two_unlabelled_settings_of_one_method_are_refused():
 
     with pytest.raises(ValueError, match="share a column"):
         stream_eval(tiny_lm(), motif_stream(20), [NeuralCache(), NeuralCache()], {})
+
+
+class _TwoSplits:
+    name = "motif"
+
+    def __init__(self, train, valid):
+        self.train, self._valid = train, valid
+
+    def split(self, name):
+        return {"train": self.train, "valid": self._valid}[name]
+
+
+def test_stream_stop_ends_early_and_keeps_only_the_scored_tokens(one_thread):
+    from conftest import motif_stream, tiny_lm
+
+    model, stream = tiny_lm(seed=1), motif_stream(100)
+    full = stream_eval(model, stream, [NeuralCache()], {}, segment_len=8)
+    seen = []
+    r = stream_eval(model, stream, [NeuralCache()], {}, segment_len=8,
+                    stop=lambda n, lp: seen.append((n, lp.numel())) or n >= 40)
+    assert r.stopped and not full.stopped and r.tokens == 40 == r.base.numel() == r.components["cache"][0].numel()
+    assert seen == [(8 * i, 8) for i in range(1, 6)]
+    assert torch.equal(r.base, full.base[:40])
+
+
+def test_tune_drops_a_diverging_dyneval_rate_early_and_chooses_as_without_it(one_thread):
+    from conftest import motif_stream, tiny_lm
+    from lmadapt.methods import dyneval as dyneval_module
+
+    model = tiny_lm(seed=4)
+    corpus = _TwoSplits(motif_stream(400, seed=6), motif_stream(200, seed=8))
+    fixed = {"dyneval": {"stat_batch": 4, "decay": 0.002}}
+    dyneval_module._RECENT.clear()
+    good = tune_module.tune(model, corpus, "dyneval+cache", params=fixed, grid_overrides={
+        "dyneval": {"lr": [0.001, 0.01]}, "cache": {"window": [50], "theta": [0.5]}})
+    both = tune_module.tune(model, corpus, "dyneval+cache", params=fixed, grid_overrides={
+        "dyneval": {"lr": [0.001, 0.01, 1e4]}, "cache": {"window": [50], "theta": [0.5]}})
+    dropped = [t for t in both["top"] if t["ppl"] is None]
+    assert [t["params"]["dyneval"]["lr"] for t in dropped] == [1e4]
+    assert 0 < dropped[0]["stopped_after_tokens"] < 200   # stopped, not run to the end
+    assert both["params"] == good["params"] and both["ppl"] == pytest.approx(good["ppl"], rel=1e-9)
+    with pytest.raises(LmadaptError, match="every dyneval setting of the grid diverged"):
+        tune_module.tune(model, corpus, "dyneval", params=fixed, grid_overrides={"dyneval": {"lr": [1e4]}})
+    dyneval_module._RECENT.clear()
