@@ -122,7 +122,7 @@ def test_defaults_and_grid_are_the_reference_ones():
     from lmadapt.tune import _settings
 
     settings = _settings("dyneval", {"segment": 10}, {})
-    assert len(settings) == 32
+    assert len(settings) == len(REFERENCE_LRS + LOW_LRS) * len(REFERENCE_DECAYS) == 36
     assert sorted({s["lr"] for s in settings}) == pytest.approx(sorted(2 * v for v in REFERENCE_LRS + LOW_LRS))
 
 
