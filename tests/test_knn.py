@@ -14,7 +14,7 @@ from lmadapt.corpus import load_corpus
 from lmadapt.datastore import Datastore, Layout
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.cache import CacheParams, NeuralCache
-from lmadapt.methods.knn import KnnLM, KnnParams
+from lmadapt.methods.knn import KnnLM, KnnParams, knn_target_log_probs
 from lmadapt.methods.mbpa import MbPA, MbPAParams
 from lmadapt.model import LSTMLM
 from lmadapt.stream import stream_eval
@@ -97,13 +97,15 @@ def test_auto_index_choice_and_override_parsing():
 # --------------------------------------------------------------------------- knn probabilities
 
 def _reference_knn_log_probs(keys: np.ndarray, values: np.ndarray, queries: np.ndarray, targets: np.ndarray,
-                             k: int, temperature: float) -> np.ndarray:
-    """The formula over all keys, in float64: p(w) ∝ Σ_{j in kNN, v_j = w} exp(−d_j / T)."""
+                             k: int, temperature: float, scaled: float = 0.0) -> np.ndarray:
+    """The formula over all keys, in float64: p(w) ∝ Σ_{j in kNN, v_j = w} exp(−d_j / T);
+    temperature 0: T = scaled · the mean of the query's k neighbour distances."""
     out = np.empty(len(queries))
     for i, (q, y) in enumerate(zip(queries, targets)):
         d = ((keys - q) ** 2).sum(1)
         nn = np.argsort(d, kind="stable")[:k]
-        w = np.exp(-(d[nn] - d[nn].min()) / temperature)
+        t = temperature if temperature > 0 else scaled * d[nn].mean()
+        w = np.exp(-(d[nn] - d[nn].min()) / t)
         with np.errstate(divide="ignore"):  # log 0 = -inf where no neighbour has the target
             out[i] = np.log(w[values[nn] == y].sum() / w.sum())
     return out
@@ -200,6 +202,29 @@ def test_tune_covers_knn_settings_and_lambda(setup, tmp_path):
     assert sorted(best["grid"]["knn"]["k"]) == [8, 32]
     assert best["params"]["knn"]["datastore"] == str(setup["flat"])
     assert "knn" in best["subsets"] and best["ppl"] <= best["subsets"]["knn"]["ppl"]
+
+
+def test_scaled_temperature_equals_the_reference_and_does_not_depend_on_the_distance_scale(setup):
+    """temperature 0: T_t = c · mean of the query's k neighbour distances, per query."""
+    model, valid = setup["model"], setup["corpus"].valid
+    k, c = 16, 0.2
+    method = KnnLM(KnnParams(k=k, temperature=0.0, temperature_scaled=c, recompute=True, datastore=str(setup["flat"])))
+    r = stream_eval(model, valid, [method], {"knn": 0.3}, segment_len=37)
+    store = Datastore(setup["flat"])
+    ref = _reference_knn_log_probs(store.keys[:].astype(np.float64), store.values.numpy(),
+                                   _hidden(model, valid).double().numpy(), valid[1:].numpy(), k, 0.0, c)
+    log_p = r.components["knn"][0].numpy()
+    finite = np.isfinite(ref)
+    assert finite.any() and (~finite).any()
+    np.testing.assert_array_equal(np.isfinite(log_p), finite)
+    np.testing.assert_allclose(log_p[finite], ref[finite], atol=1e-5, rtol=0)
+    # Scaling every distance by s leaves the scaled-T probabilities unchanged (a fixed T does not).
+    dist = torch.rand(4, 8) * 3
+    ids, values, targets = torch.arange(32).view(4, 8), torch.arange(32) % 3, torch.tensor([0, 1, 2, 0])
+    a = knn_target_log_probs(dist, ids, values, targets, 0.0, c)[0]
+    torch.testing.assert_close(knn_target_log_probs(dist * 100, ids, values, targets, 0.0, c)[0], a)
+    assert not torch.allclose(knn_target_log_probs(dist * 100, ids, values, targets, 1.0)[0],
+                              knn_target_log_probs(dist, ids, values, targets, 1.0)[0])
 
 
 # --------------------------------------------------------------------------- refusals

@@ -7,6 +7,14 @@ the neighbours whose value is the target minus a logsumexp over all k, so nothin
 size V is formed. Distances are faiss's (approximate under PQ) or, with `recompute`,
 sum((q − key)²) from the stored float16 keys, as the reference code allows.
 
+T: a fixed temperature, or (temperature 0) one scaled per query to its neighbours,
+T_t = c · mean_j d_j(t) over its k distances (c = `temperature_scaled`). Distances between
+hidden states grow with the model (squared norms ~20 for the PTB LSTMs, ~500 for the
+GPT-2's output-layer inputs), so a fixed T right for one model is far off for another:
+the best fixed T on valid was 0.3 for an LSTM and 30 for the GPT-2, while T / (mean
+neighbour distance) was 0.14 and 0.12 (docs/knn.md). The scaled T uses only the query and
+the datastore, so it stays causal.
+
 The datastore never contains the stream being scored (lmadapt.datastore refuses one
 built from the evaluated split), so no position window is needed: the method reads
 nothing of the stream and its results do not depend on the segment length.
@@ -21,7 +29,7 @@ import torch
 
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import MixtureMethod, Segment
-from lmadapt.params import POSITIVE, at_least
+from lmadapt.params import NON_NEGATIVE, POSITIVE, at_least
 
 _SEGMENT = 256   # faiss amortises its per-call overhead over the rows of one search
 
@@ -29,23 +37,34 @@ _SEGMENT = 256   # faiss amortises its per-call overhead over the rows of one se
 @dataclass
 class KnnParams:
     k: int = 1024               # neighbours per query
-    temperature: float = 1.0    # T in exp(−d / T)
+    temperature: float = 1.0    # T in exp(−d / T); 0: scaled per query (temperature_scaled)
+    temperature_scaled: float = 0.13  # c of the scaled T = c · mean distance to the k neighbours
     nprobe: int = 32            # IVF lists visited per query (ignored by a flat index)
     recompute: bool = False     # exact distances from the stored keys instead of faiss's
     datastore: str = ""         # datastore directory (`lmadapt datastore build`); --datastore
 
-    RANGES: ClassVar[dict] = {"k": at_least(1), "temperature": POSITIVE, "nprobe": at_least(1)}
+    RANGES: ClassVar[dict] = {"k": at_least(1), "temperature": NON_NEGATIVE, "temperature_scaled": POSITIVE,
+                              "nprobe": at_least(1)}
+    HELP: ClassVar[dict] = {"temperature": "T of exp(-d/T); 0 scales it per query to its neighbours' distances",
+                            "temperature_scaled": "c of the scaled T = c * mean distance to the k neighbours"}
 
 
 def knn_target_log_probs(dist: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, targets: torch.Tensor,
-                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         temperature: float, scaled: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """log p_knn(target) per row from (L, k) squared distances and datastore ids (−1: none).
+    `temperature` 0: each row's T is `scaled` times its mean distance over its neighbours.
 
     Rows where no neighbour has the target get −inf (p_knn = 0, which the λ mixture
     handles); rows with no neighbour at all are unavailable.
     """
     found = ids >= 0
-    scores = (-dist.float() / temperature).masked_fill(~found, float("-inf"))
+    dist = dist.float()
+    if temperature > 0:
+        t = temperature
+    else:  # per row: c · mean of its found distances (a row with none is unavailable below)
+        count = found.sum(1, keepdim=True).clamp(min=1)
+        t = (scaled * dist.masked_fill(~found, 0.0).sum(1, keepdim=True) / count).clamp(min=1e-12)
+    scores = (-dist / t).masked_fill(~found, float("-inf"))
     neighbour_values = values[ids.clamp(min=0)]
     hits = found & (neighbour_values == targets.unsqueeze(1))
     available = found.any(1)
@@ -67,8 +86,10 @@ class KnnLM(MixtureMethod):
         p = self.params
         if p.k < 1:
             raise LmadaptError(f"knn k must be >= 1, got {p.k}")
-        if not p.temperature > 0:
-            raise LmadaptError(f"knn temperature must be > 0, got {p.temperature}")
+        if not p.temperature >= 0:
+            raise LmadaptError(f"knn temperature must be >= 0 (0: scaled), got {p.temperature}")
+        if not p.temperature_scaled > 0:
+            raise LmadaptError(f"knn temperature_scaled must be > 0, got {p.temperature_scaled}")
         if p.nprobe < 1:
             raise LmadaptError(f"knn nprobe must be >= 1, got {p.nprobe}")
         if not p.datastore:
@@ -99,5 +120,5 @@ class KnnLM(MixtureMethod):
                                f"the model's {self.store.key_kind} vectors {queries.size(-1)}")
         dist, ids = self.neighbours(queries)
         log_p, available = knn_target_log_probs(dist, ids, self.store.values, seg.targets.cpu(),
-                                                self.params.temperature)
+                                                self.params.temperature, self.params.temperature_scaled)
         return log_p.to(seg.hidden.device), available.to(seg.hidden.device)
