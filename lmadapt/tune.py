@@ -271,10 +271,14 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
                     segment_len=segment_len, cache_dir=cache_dir)
         return (time.perf_counter() - t0) / max(probe, 1)
 
-    # The plain and the adapter passes each cost at most the combination at its current
-    # settings (an upper bound); the mixture pass, all settings together, is timed itself.
-    combo = price(build_methods(names, params))
-    per_token = combo * (1 + sum(len(plan[n]) for n in adapters))
+    # One-time costs first (dyneval's gradient statistics, a datastore's index): they count
+    # against the budget, not in the price of a pass.
+    stream_eval(model, stream[:min(2, available) + 1], build_methods(names, params), {}, corpus=corpus,
+                device=device, segment_len=segment_len, cache_dir=cache_dir)
+    # The plain pass and each adapter pass cost at most the adapters at their current
+    # settings (a pass dropped as diverging costs less); the mixture pass, all settings
+    # together, is timed itself.
+    per_token = price(build_methods(adapters, params)) * (1 + sum(len(plan[n]) for n in adapters))
     if mixers:
         per_token += price(build_methods(adapters, params) + [m for _, _, m in mixer_pass(mixers, plan)])
     left = 60 * minutes - (time.perf_counter() - start)
