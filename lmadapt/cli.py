@@ -476,11 +476,11 @@ def cmd_tune(args) -> int:
         _check_datastore(args.run_dir, names, params, model, corpus, split, args.checkpoint)
         best = tune(model, corpus, method, split=split, params=params, grid_overrides=grids,
                     lambda_grid=lambda_grid, device=device, segment_len=args.segment, max_passes=args.max_passes,
-                    cache_dir=args.run_dir)
+                    tokens=args.tokens, cache_dir=args.run_dir)
         best["run_dir"] = str(args.run_dir or args.hf_model)
         if args.run_dir:
             best["checkpoint"] = args.checkpoint or "best"
-        print(f"{best['method']} on {best['split']}: ppl {best['ppl']:.2f} (base ({best['backbone']}): "
+        print(f"{best['method']} on {best['split']}[:{best['tokens']}]: ppl {best['ppl']:.2f} (base ({best['backbone']}): "
               f"{best['base_ppl']:.2f}, {best['delta_vs_base_percent']:+.1f}%) after {best['passes']} passes")
         print(f"params {json.dumps(best['params'])}  lambdas {json.dumps(best['lambdas'])}")
         runs.save_output(out, lambda p: runs.write_json(p, best),
@@ -658,6 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="METHOD.PARAM=v1,v2",
                    help="replace one grid axis (default: the paper's App. B grid); lambda=v1,v2 for the weights")
     p.add_argument("--max-passes", type=arg(int, at_least(1)), default=200, help="refuse grids needing more streaming passes")
+    p.add_argument("--tokens", type=arg(int, at_least(1)), default=None,
+                   help="tune on the first N tokens of the split only (a prefix: faster, noisier)")
     p.add_argument("--data")
     p.add_argument("--data-dir")
     p.add_argument("--segment", type=arg(int, at_least(1)), default=None)

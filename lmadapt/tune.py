@@ -174,6 +174,7 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
         "params": full,
         "lambdas": best[2],
         "split": split,
+        "tokens": len(stream) - 1,
         "ppl": best[0],
         "backbone": model.arch,
         "base_ppl": base_ppl,

@@ -65,6 +65,24 @@ def test_tune_then_eval_with_config(trained, tmp_path):
     assert rep["methods"]["mbpa+cache"]["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
 
 
+def test_tune_on_a_prefix_scores_only_that_prefix(trained, tmp_path):
+    root, _, _ = trained
+    best = tmp_path / "best.json"
+    assert _cli("tune", root / "run", "--method", "cache", "--tokens", 60, "--out", best,
+                "--grid", "cache.window=20", "--grid", "cache.theta=0.3,1", "--grid", "lambda=0.1,0.3") == 0
+    b = json.loads(best.read_text())
+    assert b["tokens"] == 60
+    # The same prefix through eval gives the tuned figures; the whole split gives others.
+    prefix, whole = tmp_path / "p.json", tmp_path / "w.json"
+    assert _cli("eval", root / "run", "--config", best, "--tokens", 60, "--json", prefix) == 0
+    assert _cli("eval", root / "run", "--config", best, "--json", whole) == 0
+    p, w = json.loads(prefix.read_text()), json.loads(whole.read_text())
+    assert p["tokens"] == 60 and w["tokens"] > 60
+    assert p["methods"]["cache"]["ppl"] == pytest.approx(b["ppl"], rel=1e-6)
+    assert p["methods"]["base"]["ppl"] == pytest.approx(b["base_ppl"], rel=1e-6)
+    assert w["methods"]["base"]["ppl"] != pytest.approx(b["base_ppl"], rel=1e-6)
+
+
 def test_report_buckets_and_outputs(trained, tmp_path):
     root, _, _ = trained
     tok = tmp_path / "t.pt"

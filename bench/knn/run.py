@@ -10,14 +10,18 @@ Every figure is measured here and written as JSON under bench/knn/results/ (or -
           and perplexity.
   tune    `lmadapt tune --method knn+mbpa+cache` on valid (every smaller mixture comes from the
           same stored columns), then `lmadapt eval --config` on test for each mixture with its
-          own tuned settings.
+          own tuned settings, and dyneval+knn+cache: dyneval at its defaults under the tuned
+          knn+cache settings and weights (dyneval's λ sweep is not part of the mixer pass).
+          --tune-tokens / --test-tokens score prefixes; --jobs N runs N processes at a time
+          (builds and test evaluations), each with --threads threads.
 
-  python bench/knn/run.py RUN --stages build,speed,tune --tag ptb [--threads 1]
+  python bench/knn/run.py RUN --stages build,speed,tune --tag ptb [--threads 1] [--jobs 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import resource
@@ -29,6 +33,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 MIXTURES = ["knn", "cache", "knn+cache", "mbpa+cache", "knn+mbpa+cache"]
+DYNEVAL_MIXTURE = "dyneval+knn+cache"   # its knn and cache settings come from the tuned knn+cache
 
 
 def _env():
@@ -49,19 +54,29 @@ def _run_measured(cmd: list[str], log: Path) -> dict:
             usage.ru_utime + usage.ru_stime}
 
 
+def _run_all(jobs: list[tuple[list[str], Path]], n: int) -> list[dict]:
+    """_run_measured over (cmd, log) pairs, n at a time (os.wait4 waits on each child's own pid)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, n)) as pool:
+        return list(pool.map(lambda job: _run_measured(*job), jobs))
+
+
 def _du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def stage_build(args, out: Path) -> dict:
-    rows = {}
-    for label, index in (("flat", "flat"), ("ivfpq", args.ivfpq)):
+    rows, jobs = {}, []
+    builds = (("flat", "flat"), ("ivfpq", args.ivfpq))
+    for label, index in builds:
         ds = Path(args.datastores) / f"{args.tag}-{label}"
-        cmd = [sys.executable, "-m", "lmadapt", "datastore", "build", args.run, "--out", str(ds), "--index", index,
-               "--threads", str(args.threads), "--force"]
-        m = _run_measured(cmd, out / f"build-{label}.log")
+        jobs.append(([sys.executable, "-m", "lmadapt", "datastore", "build", args.run, "--out", str(ds), "--index",
+                      index, "--threads", str(args.threads), "--force"], out / f"build-{args.tag}-{label}.log"))
+    measured = _run_all(jobs, args.jobs)
+    for (label, _), (cmd, _), m in zip(builds, jobs, measured):
+        ds = Path(args.datastores) / f"{args.tag}-{label}"
         manifest = json.loads((ds / "manifest.json").read_text())
-        rows[label] = {"command": " ".join(["lmadapt", *cmd[3:]]), **m, "disk_bytes": _du(ds),
+        rows[label] = {"command": " ".join(["lmadapt", *cmd[3:]]), **m, "concurrent_jobs": args.jobs,
+                       "disk_bytes": _du(ds),
                        "keys": manifest["keys"], "dim": manifest["dim"], "index": manifest["index"],
                        "stage_seconds": manifest["seconds"],
                        "bytes_per_key": _du(ds) / manifest["keys"]}
@@ -136,33 +151,48 @@ def stage_tune(args, out: Path) -> dict:
     cmd = [sys.executable, "-m", "lmadapt", "tune", args.run, "--method", "knn+mbpa+cache", "--split", "valid",
            "--datastore", str(ds), "--out", str(best_path), "--threads", str(args.threads),
            "--knn-nprobe", str(args.tune_nprobe), *sum((["--grid", g] for g in args.grid), [])]
+    if args.tune_tokens:
+        cmd += ["--tokens", str(args.tune_tokens)]
     tune_m = _run_measured(cmd, out / f"tune-{args.tag}.log")
     best = json.loads(best_path.read_text())
-    table = {}
-    for name in MIXTURES:
-        sub = best["subsets"].get(name)
+    table, jobs, names = {}, [], []
+    for name in [DYNEVAL_MIXTURE, *MIXTURES]:   # the slowest first, so that --jobs overlaps it with the rest
+        sub = best["subsets"].get("knn+cache" if name == DYNEVAL_MIXTURE else name)
         if sub is None:
             table[name] = {"note": "no setting of the grid used this mixture (lambda 0 chosen)"}
             continue
+        config = {"method": name, "params": sub["params"], "lambdas": sub["lambdas"]}
+        if name == DYNEVAL_MIXTURE:
+            if args.no_dyneval:
+                continue
+            config["params"] = {**sub["params"], "dyneval": {"max_batches": args.dyneval_max_batches}}
         cfg = out / f"config-{args.tag}-{name}.json"
-        cfg.write_text(json.dumps({"method": name, "params": sub["params"], "lambdas": sub["lambdas"]}))
-        rep_path = out / f"test-{args.tag}-{name}.json"
+        cfg.write_text(json.dumps(config))
         ecmd = [sys.executable, "-m", "lmadapt", "eval", args.run, "--split", "test", "--config", str(cfg),
-                "--json", str(rep_path), "--threads", str(args.threads)]
+                "--json", str(out / f"test-{args.tag}-{name}.json"), "--threads", str(args.threads), "--overwrite"]
         if "knn" in name:
             ecmd += ["--datastore", str(ds)]
-        m = _run_measured(ecmd, out / f"test-{args.tag}-{name}.log")
-        rep = json.loads(rep_path.read_text())
+        tokens = args.dyneval_tokens if name == DYNEVAL_MIXTURE else args.test_tokens
+        if tokens:
+            ecmd += ["--tokens", str(tokens)]
+        jobs.append((ecmd, out / f"test-{args.tag}-{name}.log"))
+        names.append(name)
+    for name, (ecmd, _), m in zip(names, jobs, _run_all(jobs, args.jobs)):
+        rep = json.loads((out / f"test-{args.tag}-{name}.json").read_text())
+        sub = best["subsets"]["knn+cache" if name == DYNEVAL_MIXTURE else name]
         entry = rep["methods"][name]
-        table[name] = {"valid_ppl": sub["ppl"], "test_ppl": entry["ppl"],
+        table[name] = {"test_tokens": rep["tokens"], "valid_ppl": None if name == DYNEVAL_MIXTURE else sub["ppl"],
+                       "test_ppl": entry["ppl"],
                        "test_lstm_ppl": rep["methods"]["base"]["ppl"],
                        "delta_vs_lstm_percent": entry["delta_vs_base_percent"],
                        "tokens_per_second": entry["tokens_per_second"],
                        "lstm_tokens_per_second": rep["methods"]["base"]["tokens_per_second"],
-                       "params": sub["params"], "lambdas": sub["lambdas"], "peak_rss_mb": m["peak_rss_mb"],
+                       "params": entry.get("params", sub["params"]), "lambdas": entry.get("lambdas", sub["lambdas"]),
+                       "peak_rss_mb": m["peak_rss_mb"], "wall_seconds": m["wall_seconds"],
                        "command": " ".join(["lmadapt", *ecmd[3:]])}
         print(name, json.dumps(table[name]), flush=True)
     return {"tune_command": " ".join(["lmadapt", *cmd[3:]]), "tune": tune_m, "valid_lstm_ppl": best["base_ppl"],
+            "tune_tokens": best.get("tokens"), "concurrent_jobs": args.jobs,
             "lambda_grid": best["lambda_grid"], "grid": best["grid"], "table": table}
 
 
@@ -203,6 +233,13 @@ def main() -> None:
     ap.add_argument("--datastores", default="/work/runs/datastores")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1, help="processes at a time in build and tune's test evaluations")
+    ap.add_argument("--tune-tokens", type=int, default=0, help="tune on valid[:N] (0: all of valid)")
+    ap.add_argument("--test-tokens", type=int, default=0, help="evaluate test[:N] (0: all of test)")
+    ap.add_argument("--dyneval-tokens", type=int, default=0, help="test[:N] for dyneval+knn+cache (0: all)")
+    ap.add_argument("--dyneval-max-batches", type=int, default=0,
+                    help="dyneval's statistics batches (0: the whole training split, its default)")
+    ap.add_argument("--no-dyneval", action="store_true", help="skip the dyneval+knn+cache row")
     ap.add_argument("--ivfpq", default="auto", help="--index of the IVF-PQ build (auto picks IVF-PQ when large)")
     ap.add_argument("--speed-tokens", type=int, default=20000)
     ap.add_argument("--flat-tokens", type=int, default=2000)
