@@ -444,7 +444,8 @@ def _tune_for_eval(args, model, corpus, split, method, params, device, settings)
         settings.update(source=f"{settings['source']} (tuning fell back)", tune_fallback=result["fallback"])
         return params, {}, corpus
     on = result["tuned_on"]
-    print(f"tuned on {tune_split}[:{on['tokens']:,}] of {on['of']:,} tokens ({on['passes']} passes, "
+    how = ", successive halving" if on.get("search") == "halving" else ""
+    print(f"tuned on {tune_split}[:{on['tokens']:,}] of {on['of']:,} tokens ({on['passes']} passes{how}, "
           f"{on['seconds']:.0f} s): params {json.dumps(result['params'])}  lambdas {json.dumps(result['lambdas'])}",
           file=sys.stderr)
     if on_text:
@@ -476,7 +477,7 @@ def cmd_tune(args) -> int:
         _check_datastore(args.run_dir, names, params, model, corpus, split, args.checkpoint)
         best = tune(model, corpus, method, split=split, params=params, grid_overrides=grids,
                     lambda_grid=lambda_grid, device=device, segment_len=args.segment, max_passes=args.max_passes,
-                    tokens=args.tokens, cache_dir=args.run_dir)
+                    tokens=args.tokens, cache_dir=args.run_dir, search=args.search)
         best["run_dir"] = str(args.run_dir or args.hf_model)
         if args.run_dir:
             best["checkpoint"] = args.checkpoint or "best"
@@ -660,6 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-passes", type=arg(int, at_least(1)), default=200, help="refuse grids needing more streaming passes")
     p.add_argument("--tokens", type=arg(int, at_least(1)), default=None,
                    help="tune on the first N tokens of the split only (a prefix: faster, noisier)")
+    p.add_argument("--search", choices=["grid", "halving"], default="grid",
+                   help="dyneval's settings: every one on the whole split (grid, default) or successive halving "
+                        "(all on a short prefix, the best third on a 3x longer one, ...; far fewer tokens)")
     p.add_argument("--data")
     p.add_argument("--data-dir")
     p.add_argument("--segment", type=arg(int, at_least(1)), default=None)

@@ -9,6 +9,13 @@ model, so when it is part of the combination its grid is searched first (one pas
 per setting), and that one mixture pass then runs on top of the best
 dynamic-evaluation setting: the adapted model's forward, backward and update are
 paid once for all mixture settings instead of once per setting.
+
+With `search="halving"` the dynamic-evaluation grid is searched by successive halving
+(Jamieson & Talwalkar 2016): every setting on a short prefix, the best third on a
+prefix three times longer, and so on until the last few run on the whole prefix. A
+grid of 36 settings then costs 6 passes' worth of tokens instead of 36, which is what
+lets `eval --tune` search it within minutes; the exhaustive grid stays the default of
+`lmadapt tune`.
 """
 
 from __future__ import annotations
@@ -76,11 +83,30 @@ def _settings(name: str, fixed: dict, grid_override: dict) -> list[dict]:
     return out
 
 
+ETA = 3            # successive halving keeps the best 1/ETA of a rung, on an ETA times longer prefix
+MIN_RUNG_TOKENS = 50  # no rung decides on fewer tokens than this (or the whole prefix, if shorter)
+SEARCHES = ("grid", "halving")
+
+
+def halving_rungs(n_settings: int, tokens: int) -> list[tuple[int, int]]:
+    """[(settings run, prefix tokens)] per rung of successive halving over `n_settings` on a
+    `tokens`-token prefix: the last rung holds at most ETA settings on the whole prefix."""
+    sizes = [n_settings]
+    while sizes[-1] > ETA:
+        sizes.append(math.ceil(sizes[-1] / ETA))
+    last = len(sizes) - 1
+    return [(n, max(min(tokens, MIN_RUNG_TOKENS), tokens // ETA ** (last - i))) for i, n in enumerate(sizes)]
+
+
 def tune(model, corpus, method: str, *, split: str = "valid", params: dict | None = None,
          grid_overrides: dict | None = None, lambda_grid: list[float] | None = None, device="cpu",
          segment_len: int | None = None, max_passes: int = 200, tokens: int | None = None,
-         cache_dir=None) -> dict:
-    """Grid search on `split` (its first `tokens` + 1 ids when given)."""
+         cache_dir=None, search: str = "grid") -> dict:
+    """Grid search on `split` (its first `tokens` + 1 ids when given); `search` is how the
+    model adapters' (dyneval's) settings are searched: every one on the whole prefix
+    ("grid") or by successive halving ("halving", see halving_rungs)."""
+    if search not in SEARCHES:
+        raise LmadaptError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
     names = parse_combination(method)
     if not names:
         raise LmadaptError("nothing to tune for the base model alone: name a method, e.g. --method cache")
@@ -93,15 +119,19 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
     mixers = mixture_names(names)
     adapters = adapter_names(names)
     plan = {n: _settings(n, params.get(n, {}), grid_overrides.get(n, {})) for n in names}
-    passes = count_passes(names, plan)
+    n_tokens = stream.numel() - 1
+    rungs = {n: halving_rungs(len(plan[n]), n_tokens) if search == "halving" else [(len(plan[n]), n_tokens)]
+             for n in adapters}
+    passes = count_passes(names, plan, rungs)
     if passes > max_passes:
         sizes = ", ".join(f"{n}: {len(v)}" for n, v in plan.items())
         raise LmadaptError(f"the grid needs {passes} passes over {split} ({sizes}); narrow it with --grid "
                            f"or raise --max-passes")
     bar = tqdm(total=passes, desc="tune", unit="pass", disable=not progress_enabled())
 
-    def run(methods, stop=None):
-        result = stream_eval(model, stream, methods, {m.name: 0.0 for m in methods if isinstance(m, MixtureMethod)},
+    def run(methods, stop=None, prefix=None):
+        part = stream if prefix is None else stream[:prefix + 1]
+        result = stream_eval(model, part, methods, {m.name: 0.0 for m in methods if isinstance(m, MixtureMethod)},
                              corpus=corpus, device=device, segment_len=segment_len, cache_dir=cache_dir, stop=stop)
         bar.update(1)
         return result
@@ -112,20 +142,26 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
     chosen: dict[str, dict] = {}
     base = plain.base
     for name in adapters:
-        best = None
-        for setting in plan[name]:
-            r = run(build_methods([name], {name: setting}), stop=diverging(plain.base))
-            if r.stopped:  # diverged: not a candidate (the other settings are still searched)
-                trials.append({"params": {name: setting}, "ppl": None, "stopped_after_tokens": r.tokens})
-                continue
-            ppl = perplexity(r.base)
-            trials.append({"params": {name: setting}, "ppl": ppl})
-            if best is None or ppl < best[0]:
-                best = (ppl, setting, r.base)
-        if best is None:
-            raise LmadaptError(f"every {name} setting of the grid diverged on {split}; give a smaller rate with --grid")
-        chosen[name] = best[1]
-        base = best[2]
+        survivors = plan[name]
+        for i, (_, prefix) in enumerate(rungs[name]):
+            ranked = []
+            for setting in survivors:
+                r = run(build_methods([name], {name: setting}), stop=diverging(plain.base[:prefix]), prefix=prefix)
+                trial = {"params": {name: setting}, "ppl": None, "tokens": prefix}
+                if search == "grid":
+                    del trial["tokens"]
+                trials.append(trial)
+                if r.stopped:  # diverged: not a candidate (the other settings are still searched)
+                    trial["stopped_after_tokens"] = r.tokens
+                    continue
+                trial["ppl"] = perplexity(r.base)
+                ranked.append((trial["ppl"], len(ranked), setting, r.base))
+            if not ranked:
+                raise LmadaptError(f"every {name} setting of the grid diverged on {split}; give a smaller rate with --grid")
+            ranked.sort(key=lambda t: t[:2])
+            keep = rungs[name][i + 1][0] if i + 1 < len(rungs[name]) else 1
+            survivors = [t[2] for t in ranked[:keep]]
+        _, _, chosen[name], base = ranked[0]  # the last rung ran on the whole prefix
     # Every mixer setting, side by side in one pass on top of the chosen base model.
     columns: dict[str, list[tuple[dict, tuple]]] = {name: [] for name in mixers}
     if mixers:
@@ -180,6 +216,8 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
         "base_ppl": base_ppl,
         "delta_vs_base_percent": 100 * (best[0] / base_ppl - 1),
         "passes": passes,
+        "search": search,
+        **({"rungs": {n: [list(r) for r in rungs[n]] for n in adapters}} if search == "halving" else {}),
         "lambda_grid": lambda_grid,
         "grid": {n: {k: sorted({s[k] for s in plan[n]}, key=str) for k in plan[n][0]} for n in names},
         "top": trials[:20],
@@ -211,10 +249,11 @@ def diverging(plain):
     return stop
 
 
-def count_passes(names: list[str], plan: dict[str, list[dict]]) -> int:
-    """Streaming passes of a grid: the plain model, one per model-adapter setting, and one
-    for all mixture settings together."""
-    return 1 + sum(len(plan[n]) for n in adapter_names(names)) + (1 if mixture_names(names) else 0)
+def count_passes(names: list[str], plan: dict[str, list[dict]], rungs: dict | None = None) -> int:
+    """Streaming passes of a grid: the plain model, one per model-adapter setting (per rung
+    with successive halving), and one for all mixture settings together."""
+    adapters = sum(sum(n for n, _ in rungs[a]) if rungs else len(plan[a]) for a in adapter_names(names))
+    return 1 + adapters + (1 if mixture_names(names) else 0)
 
 
 def mixer_pass(mixers: list[str], plan: dict[str, list[dict]]) -> list[tuple[str, dict, MixtureMethod]]:
@@ -250,14 +289,16 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
     """`lmadapt eval --tune`: the full `tune` grid on the longest prefix of `split` that fits
     in `minutes`. A pass is priced by timing the requested combination at its current
     settings on a short prefix (an upper bound: a tuning pass runs at most that much);
-    the prefix is then cut so that every grid pass fits (and to `max_tokens`). Returns tune()'s result with a
-    `tuned_on` record, or {"fallback": reason} when not even a minimal prefix fits."""
+    the prefix is then cut so that every grid pass fits (and to `max_tokens`). A
+    model-adapter grid larger than ETA settings is searched by successive halving (its
+    rungs priced as they will run). Returns tune()'s result with a `tuned_on` record, or
+    {"fallback": reason} when not even a minimal prefix fits."""
     names = parse_combination(method)
     params = params or {}
     grids = grid_with_defaults(names, params)
     plan = {n: _settings(n, params.get(n, {}), grids.get(n, {})) for n in names}
-    passes = count_passes(names, plan)
     adapters, mixers = adapter_names(names), mixture_names(names)
+    search = "halving" if any(len(plan[n]) > ETA for n in adapters) else "grid"
     stream = corpus.split(split)
     whole = available = stream.numel() - 1
     if max_tokens is not None:
@@ -279,18 +320,32 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
     # The plain pass and each adapter pass cost at most the adapters at their current
     # settings (a pass dropped as diverging costs less); the mixture pass, all settings
     # together, is timed itself.
-    per_token = price(build_methods(adapters, params)) * (1 + sum(len(plan[n]) for n in adapters))
-    if mixers:
-        per_token += price(build_methods(adapters, params) + [m for _, _, m in mixer_pass(mixers, plan)])
+    adapter_cost = price(build_methods(adapters, params))
+    mixer_cost = price(build_methods(adapters, params) + [m for _, _, m in mixer_pass(mixers, plan)]) if mixers else 0.0
+
+    def rungs(n: int) -> dict:
+        return {a: halving_rungs(len(plan[a]), n) if search == "halving" else [(len(plan[a]), n)] for a in adapters}
+
+    def cost(n: int) -> float:
+        """Seconds of the whole search on an n-token prefix."""
+        adapter_tokens = n + sum(k * prefix for a in adapters for k, prefix in rungs(n)[a])
+        return adapter_cost * adapter_tokens + mixer_cost * n
+
     left = 60 * minutes - (time.perf_counter() - start)
-    tokens = min(available, int(left / per_token)) if left > 0 else 0
+    lo, hi = 0, available  # the longest prefix whose search fits in what is left (cost grows with n)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid - 1)
+    tokens = lo
+    passes = count_passes(names, plan, rungs(max(tokens, MIN_TUNE_TOKENS)))
     if tokens < MIN_TUNE_TOKENS:
-        need = per_token * MIN_TUNE_TOKENS / 60
-        return {"fallback": f"--tune-minutes {minutes:g} is too short for the {passes}-pass grid even on "
+        need = cost(MIN_TUNE_TOKENS) / 60
+        return {"fallback": f"--tune-minutes {minutes:g} is too short for the {passes}-pass search even on "
                             f"{MIN_TUNE_TOKENS} {split} tokens (about {need:.1f} min needed)"}
     best = tune(model, corpus, method, split=split, params=params, grid_overrides=grids, device=device,
-                segment_len=segment_len, max_passes=max(passes, 1), tokens=tokens, cache_dir=cache_dir)
-    best["tuned_on"] = {"split": split, "tokens": tokens, "of": whole, "passes": passes,
+                segment_len=segment_len, max_passes=max(passes, 1), tokens=tokens, cache_dir=cache_dir,
+                search=search)
+    best["tuned_on"] = {"split": split, "tokens": tokens, "of": whole, "passes": passes, "search": search,
                         "minutes_budget": minutes, "seconds": round(time.perf_counter() - start, 1)}
     return best
 

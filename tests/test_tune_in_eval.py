@@ -269,3 +269,74 @@ def test_tune_drops_a_diverging_dyneval_rate_early_and_chooses_as_without_it(one
     with pytest.raises(LmadaptError, match="every dyneval setting of the grid diverged"):
         tune_module.tune(model, corpus, "dyneval", params=fixed, grid_overrides={"dyneval": {"lr": [1e4]}})
     dyneval_module._RECENT.clear()
+
+
+def test_halving_rungs_shrink_by_three_on_three_times_longer_prefixes():
+    assert tune_module.halving_rungs(36, 2700) == [(36, 100), (12, 300), (4, 900), (2, 2700)]
+    assert tune_module.halving_rungs(3, 500) == [(3, 500)]        # no more than ETA: the plain grid
+    assert tune_module.halving_rungs(36, 270) == [(36, 50), (12, 50), (4, 90), (2, 270)]  # the rung floor
+    assert tune_module.halving_rungs(36, 30) == [(36, 30), (12, 30), (4, 30), (2, 30)]    # never past the prefix
+
+
+def test_halving_keeps_each_rungs_best_third_and_costs_fewer_tokens(one_thread, monkeypatch):
+    from conftest import motif_stream, tiny_lm
+    from lmadapt.methods import dyneval as dyneval_module
+
+    model = tiny_lm(seed=4)
+    corpus = _TwoSplits(motif_stream(400, seed=6), motif_stream(200, seed=8))
+    fixed = {"dyneval": {"stat_batch": 4, "decay": 0.002}}
+    grid = {"dyneval": {"lr": [1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 3e-2, 1e4]}}
+    streamed = []
+    real = tune_module.stream_eval
+
+    def counting(model, stream, *a, **k):
+        streamed.append(stream.numel() - 1)
+        return real(model, stream, *a, **k)
+
+    monkeypatch.setattr(tune_module, "stream_eval", counting)
+    dyneval_module._RECENT.clear()
+    full = tune_module.tune(model, corpus, "dyneval", params=fixed, grid_overrides=grid)
+    full_tokens, streamed[:] = sum(streamed), []
+    half = tune_module.tune(model, corpus, "dyneval", params=fixed, grid_overrides=grid, search="halving")
+    dyneval_module._RECENT.clear()
+
+    assert half["search"] == "halving" and half["rungs"]["dyneval"] == [[10, 50], [4, 66], [2, 199]]
+    # The plain pass, then 10 settings on 50 tokens, 4 on 66, 2 on all 199 (the diverging rate stops early).
+    assert streamed == [199] + [50] * 10 + [66] * 4 + [199] * 2
+    assert full_tokens == 199 * 11 and half["passes"] == 1 + 10 + 4 + 2
+    by_rung = {}
+    for t in half["top"]:
+        if "dyneval" in t["params"]:   # (the last entry is the chosen model without a mixture)
+            by_rung.setdefault(t["tokens"], []).append(t)
+    assert [len(by_rung[n]) for n in (50, 66, 199)] == [10, 4, 2]
+    for this, nxt in ((50, 66), (66, 199)):   # each rung runs exactly the best of the one before
+        ranked = sorted((t for t in by_rung[this] if t["ppl"] is not None), key=lambda t: t["ppl"])
+        assert ([t["params"]["dyneval"]["lr"] for t in ranked[:len(by_rung[nxt])]]
+                == sorted((t["params"]["dyneval"]["lr"] for t in by_rung[nxt]),
+                          key=lambda lr: [t["params"]["dyneval"]["lr"] for t in ranked].index(lr)))
+    assert [t["params"]["dyneval"]["lr"] for t in by_rung[50] if t["ppl"] is None] == [1e4]
+    # The last rung ran on the whole prefix: its figures are the full grid's for the same settings,
+    # and the choice is the best of them (here the full grid's own best survived).
+    full_ppl = {t["params"]["dyneval"]["lr"]: t["ppl"] for t in full["top"] if "dyneval" in t["params"]}
+    for t in by_rung[199]:
+        assert t["ppl"] == pytest.approx(full_ppl[t["params"]["dyneval"]["lr"]], rel=1e-9)
+    assert half["ppl"] == pytest.approx(min(t["ppl"] for t in by_rung[199]), rel=1e-9)
+    assert half["ppl"] >= full["ppl"] - 1e-9
+    assert half["params"]["dyneval"]["lr"] == full["params"]["dyneval"]["lr"]
+
+
+def test_tune_in_budget_searches_a_large_dyneval_grid_by_halving(one_thread):
+    from conftest import motif_stream, tiny_lm
+    from lmadapt.methods import dyneval as dyneval_module
+
+    model = tiny_lm(seed=4)
+    corpus = _TwoSplits(motif_stream(400, seed=6), motif_stream(300, seed=8))
+    dyneval_module._RECENT.clear()
+    res = tune_module.tune_in_budget(model, corpus, "dyneval+cache", minutes=2,
+                                     params={"dyneval": {"stat_batch": 4}})
+    dyneval_module._RECENT.clear()
+    on = res["tuned_on"]
+    assert on["search"] == "halving" and res["search"] == "halving"
+    rungs = res["rungs"]["dyneval"]
+    assert rungs[0][0] > 3 and rungs[-1][1] == on["tokens"] == 299   # a tiny model: the whole split fits
+    assert on["passes"] == 1 + sum(n for n, _ in rungs) + 1
