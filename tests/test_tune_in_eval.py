@@ -340,3 +340,24 @@ def test_tune_in_budget_searches_a_large_dyneval_grid_by_halving(one_thread):
     rungs = res["rungs"]["dyneval"]
     assert rungs[0][0] > 3 and rungs[-1][1] == on["tokens"] == 299   # a tiny model: the whole split fits
     assert on["passes"] == 1 + sum(n for n, _ in rungs) + 1
+
+
+def test_one_time_costs_are_paid_before_the_budget_starts(one_thread, monkeypatch):
+    """dyneval's statistics pass is the evaluation's cost (cached, reused), not tuning's: a pass
+    longer than the whole budget must not turn --tune into a fallback."""
+    import time
+
+    from conftest import motif_stream, tiny_lm
+    from lmadapt.methods import dyneval as dyneval_module
+
+    model = tiny_lm(seed=4)
+    corpus = _TwoSplits(motif_stream(400, seed=6), motif_stream(300, seed=8))
+    real = dyneval_module.gradient_rms
+    monkeypatch.setattr(dyneval_module, "gradient_rms", lambda *a, **k: (time.sleep(8), real(*a, **k))[1])
+    dyneval_module._RECENT.clear()
+    # 6 s of budget, less than the 8 s statistics pass; the lr axis alone (decay fixed): 9 settings
+    res = tune_module.tune_in_budget(model, corpus, "dyneval", minutes=0.1,
+                                     params={"dyneval": {"stat_batch": 4, "decay": 0.002}})
+    dyneval_module._RECENT.clear()
+    assert "fallback" not in res, res
+    assert res["tuned_on"]["one_time_seconds"] >= 8 and res["tuned_on"]["tokens"] >= tune_module.MIN_TUNE_TOKENS
