@@ -66,7 +66,7 @@ def _du(path: Path) -> int:
 
 def stage_build(args, out: Path) -> dict:
     rows, jobs = {}, []
-    builds = (("flat", "flat"), ("ivfpq", args.ivfpq))
+    builds = tuple((label, {"flat": "flat", "ivfpq": args.ivfpq}[label]) for label in args.indexes.split(","))
     for label, index in builds:
         ds = Path(args.datastores) / f"{args.tag}-{label}"
         jobs.append(([sys.executable, "-m", "lmadapt", "datastore", "build", args.run, "--out", str(ds), "--index",
@@ -240,6 +240,8 @@ def main() -> None:
     ap.add_argument("--dyneval-max-batches", type=int, default=0,
                     help="dyneval's statistics batches (0: the whole training split, its default)")
     ap.add_argument("--no-dyneval", action="store_true", help="skip the dyneval+knn+cache row")
+    ap.add_argument("--indexes", default="flat,ivfpq", choices=["flat,ivfpq", "ivfpq", "flat"],
+                    help="which datastores the build stage builds (tune uses the IVF-PQ one)")
     ap.add_argument("--ivfpq", default="auto", help="--index of the IVF-PQ build (auto picks IVF-PQ when large)")
     ap.add_argument("--speed-tokens", type=int, default=20000)
     ap.add_argument("--flat-tokens", type=int, default=2000)
