@@ -145,6 +145,17 @@ def stage_speed(args, out: Path) -> dict:
             "rows": rows, "topk_overlap_with_flat": overlap}
 
 
+def _eval_cmd(args, name: str, out: Path, ds: Path) -> list[str]:
+    """The test evaluation of one mixture at the setting stage_tune wrote to config-TAG-NAME.json."""
+    cmd = [sys.executable, "-m", "lmadapt", "eval", args.run, "--split", "test",
+           "--config", str(out / f"config-{args.tag}-{name}.json"),
+           "--json", str(out / f"test-{args.tag}-{name}.json"), "--threads", str(args.threads), "--overwrite"]
+    if "knn" in name:
+        cmd += ["--datastore", str(ds)]
+    tokens = args.dyneval_tokens if name == DYNEVAL_MIXTURE else args.test_tokens
+    return cmd + (["--tokens", str(tokens)] if tokens else [])
+
+
 def stage_tune(args, out: Path) -> dict:
     ds = Path(args.datastores) / f"{args.tag}-ivfpq"
     best_path = out / f"tune-{args.tag}-knn+mbpa+cache.json"
@@ -153,9 +164,12 @@ def stage_tune(args, out: Path) -> dict:
            "--knn-nprobe", str(args.tune_nprobe), *sum((["--grid", g] for g in args.grid), [])]
     if args.tune_tokens:
         cmd += ["--tokens", str(args.tune_tokens)]
-    tune_m = _run_measured(cmd, out / f"tune-{args.tag}.log")
+    if args.reuse and best_path.exists():
+        tune_m = {"reused": True}  # an interrupted run's tune result; its time was not re-measured
+    else:
+        tune_m = _run_measured(cmd, out / f"tune-{args.tag}.log")
     best = json.loads(best_path.read_text())
-    table, jobs, names = {}, [], []
+    table, jobs, names, reused = {}, [], [], {}
     for name in [DYNEVAL_MIXTURE, *MIXTURES]:   # the slowest first, so that --jobs overlaps it with the rest
         sub = best["subsets"].get("knn+cache" if name == DYNEVAL_MIXTURE else name)
         if sub is None:
@@ -167,18 +181,18 @@ def stage_tune(args, out: Path) -> dict:
                 continue
             config["params"] = {**sub["params"], "dyneval": {"max_batches": args.dyneval_max_batches}}
         cfg = out / f"config-{args.tag}-{name}.json"
+        test_json = out / f"test-{args.tag}-{name}.json"
+        if args.reuse and test_json.exists() and cfg.exists() and json.loads(cfg.read_text()) == config:
+            reused[name] = {"reused": True}  # same setting, already evaluated by an interrupted run
+            continue
         cfg.write_text(json.dumps(config))
-        ecmd = [sys.executable, "-m", "lmadapt", "eval", args.run, "--split", "test", "--config", str(cfg),
-                "--json", str(out / f"test-{args.tag}-{name}.json"), "--threads", str(args.threads), "--overwrite"]
-        if "knn" in name:
-            ecmd += ["--datastore", str(ds)]
-        tokens = args.dyneval_tokens if name == DYNEVAL_MIXTURE else args.test_tokens
-        if tokens:
-            ecmd += ["--tokens", str(tokens)]
-        jobs.append((ecmd, out / f"test-{args.tag}-{name}.log"))
+        jobs.append((_eval_cmd(args, name, out, ds), out / f"test-{args.tag}-{name}.log"))
         names.append(name)
-    for name, (ecmd, _), m in zip(names, jobs, _run_all(jobs, args.jobs)):
+    measured = list(zip(names, _run_all(jobs, args.jobs)))
+    for name, m in [*reused.items(), *measured]:
         rep = json.loads((out / f"test-{args.tag}-{name}.json").read_text())
+        if m.get("reused"):
+            m = {"wall_seconds": None, "peak_rss_mb": rep.get("peak_rss_mb"), "reused": True}
         sub = best["subsets"]["knn+cache" if name == DYNEVAL_MIXTURE else name]
         entry = rep["methods"][name]
         table[name] = {"test_tokens": rep["tokens"], "valid_ppl": None if name == DYNEVAL_MIXTURE else sub["ppl"],
@@ -189,7 +203,8 @@ def stage_tune(args, out: Path) -> dict:
                        "lstm_tokens_per_second": rep["methods"]["base"]["tokens_per_second"],
                        "params": entry.get("params", sub["params"]), "lambdas": entry.get("lambdas", sub["lambdas"]),
                        "peak_rss_mb": m["peak_rss_mb"], "wall_seconds": m["wall_seconds"],
-                       "command": " ".join(["lmadapt", *ecmd[3:]])}
+                       "command": " ".join(["lmadapt", *_eval_cmd(args, name, out, ds)[3:]]),
+                       **({"reused": True} if m.get("reused") else {})}
         print(name, json.dumps(table[name]), flush=True)
     return {"tune_command": " ".join(["lmadapt", *cmd[3:]]), "tune": tune_m, "valid_lstm_ppl": best["base_ppl"],
             "tune_tokens": best.get("tokens"), "concurrent_jobs": args.jobs,
@@ -240,6 +255,8 @@ def main() -> None:
     ap.add_argument("--dyneval-max-batches", type=int, default=0,
                     help="dyneval's statistics batches (0: the whole training split, its default)")
     ap.add_argument("--no-dyneval", action="store_true", help="skip the dyneval+knn+cache row")
+    ap.add_argument("--reuse", action="store_true", help="tune stage: keep the tune result and the test "
+                    "evaluations an interrupted run already wrote for the same setting (not re-timed)")
     ap.add_argument("--indexes", default="flat,ivfpq", choices=["flat,ivfpq", "ivfpq", "flat"],
                     help="which datastores the build stage builds (tune uses the IVF-PQ one)")
     ap.add_argument("--ivfpq", default="auto", help="--index of the IVF-PQ build (auto picks IVF-PQ when large)")
