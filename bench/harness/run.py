@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -48,20 +49,30 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="more model_args for every lmadapt row, e.g. threads=1")
     ap.add_argument("--stock", action="store_true", help="also lm-eval's --model hf on RUN/hf")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows OUT/rows.json already holds and run only the missing ones")
     a = ap.parse_args()
     out = Path(a.out)
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"{out} exists and is not empty")
-    rows = []
-    if a.stock:
-        rows.append(run_row(out / "hf", "hf", f"pretrained={Path(a.run) / 'hf'}", a.text, a.task, a.threads))
-        write_summary(out, rows)
+    done = {}
+    if a.resume and (out / "rows.json").exists():
+        done = {(r["model"], r["model_args"]): r for r in json.loads((out / "rows.json").read_text())}
+    elif out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} exists and is not empty (--resume continues it)")
+    plan = [("hf", f"pretrained={Path(a.run) / 'hf'}", out / "hf")] if a.stock else []
     for method in a.methods.split(","):
         for scope in a.scopes.split(","):
             args = f"run={a.run},method={method},scope={scope}" + (f",{a.extra}" if a.extra else "")
-            rows.append(run_row(out / f"{method}-{scope}", "lmadapt", args, a.text, a.task, a.threads))
-            print(rows[-1], flush=True)
-            write_summary(out, rows)  # after every row: an interrupted benchmark keeps what it measured
+            plan.append(("lmadapt", args, out / f"{method}-{scope}"))
+    rows = []
+    for model, args, row_dir in plan:
+        if (model, args) in done:
+            rows.append(done[(model, args)])
+            continue
+        if row_dir.exists():  # an interrupted row: its partial output is not a result
+            shutil.rmtree(row_dir)
+        rows.append(run_row(row_dir, model, args, a.text, a.task, a.threads))
+        print(rows[-1], flush=True)
+        write_summary(out, rows)  # after every row: an interrupted benchmark keeps what it measured
     print((out / "summary.md").read_text())
 
 
