@@ -127,6 +127,12 @@ class WindowedContext(nn.Module):
     def adaptable_parameters(self, which: str):
         return self.inner.adaptable_parameters(which)
 
+    @property
+    def statistics_context(self) -> str:
+        """What a pass over other text (dyneval's statistics) depends on beyond the weights:
+        its plain windows' length. Part of the statistics' cache key."""
+        return f"windows={self.length}"
+
     def init_state(self, batch_size: int, device=None) -> WindowState:
         device = device if device is not None else next(self.inner.parameters()).device
         counted = self.plain_states > 0
@@ -298,6 +304,9 @@ class LmadaptLM(LM):
         if self.device_name.startswith("cuda") and not torch.cuda.is_available():
             raise LmadaptError(f"device={self.device_name} requested but no CUDA device is available")
         self.source = str(run if run is not None else hf_model)
+        # Where methods cache what they derive from the run (dynamic evaluation's gradient
+        # statistics, tens of minutes on a large training split), as `lmadapt eval` does.
+        self.cache_dir = Path(run) if run is not None else None
         self.model, self.encoder, self.corpus = self._load(run, hf_model, data, data_dir)
         self.max_length = self._set_context(max_length, context_keep)
         self.seconds = 0.0
@@ -418,6 +427,7 @@ class LmadaptLM(LM):
 
         model = self.model
         methods = self._methods()
+        cache_dir = self.cache_dir
         if self.context_policy == "windows":
             # Dynamic evaluation's RMS statistics pass over training text in start(); states of
             # batch size > 1 (its default batch of 100) are plain windows, so the statistics are
@@ -430,13 +440,14 @@ class LmadaptLM(LM):
                 from lmadapt.methods import dyneval
 
                 dyneval._RECENT.clear()
+                cache_dir = None  # nor read them from the run directory: the pass must run
             model = WindowedContext(self.model, self.max_length, regions, plain_states=before)
         greedy = _Sink()
         stream = torch.tensor(tokens, dtype=torch.long)
         recorder = _GreedyRecorder(model, greedy)
         start = time.perf_counter()
         result = stream_eval(recorder, stream, methods, self.lambdas, corpus=self.corpus,
-                             device=self.device_name, segment_len=self.segment)
+                             device=self.device_name, segment_len=self.segment, cache_dir=cache_dir)
         self.seconds += time.perf_counter() - start
         hits = torch.cat(greedy)[: stream.numel() - 1].cpu() == stream[1:]
         return result.mixed.double(), hits
@@ -494,6 +505,8 @@ class _GreedyRecorder(nn.Module):
 
     def adaptable_parameters(self, which):
         return self.inner.adaptable_parameters(which)
+
+    statistics_context = property(lambda self: getattr(self.inner, "statistics_context", ""))
 
     def init_state(self, batch_size, device=None):
         self.sink.clear()  # the stream's own pass starts (dyneval's statistics pass came before)

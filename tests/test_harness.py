@@ -194,12 +194,28 @@ def test_dyneval_statistics_are_computed_once_per_process_not_per_document(runs,
     real = dyneval.gradient_rms
     monkeypatch.setattr(dyneval, "gradient_rms", lambda *a, **k: calls.append(1) or real(*a, **k))
     dyneval._RECENT.clear()
+    for f in runs.gpt2.glob("dyneval-stats-*.pt"):  # left by earlier tests on this run
+        f.unlink()
     doc = make(runs, "gpt2", "dyneval", "document")
     once = rolling(doc, runs.pages)
     assert len(calls) == 1
-    dyneval._RECENT.clear()  # recomputed for the second document alone: the same score
+    dyneval._RECENT.clear()  # a new process: read from the run directory, as `lmadapt eval` does
+    assert len(list(runs.gpt2.glob("dyneval-stats-*.pt"))) == 1
+    assert rolling(make(runs, "gpt2", "dyneval", "document"), runs.pages[1:2]) == once[1:2]
+    assert len(calls) == 1
+    for f in runs.gpt2.glob("dyneval-stats-*.pt"):  # without the cached file: recomputed, the same score
+        f.unlink()
+    dyneval._RECENT.clear()
     assert rolling(make(runs, "gpt2", "dyneval", "document"), runs.pages[1:2]) == once[1:2]
     assert len(calls) == 2
+    # another window length makes other statistics: a separate cache entry
+    dyneval._RECENT.clear()
+    settings = {"dyneval_stat_batch": 4, "dyneval_lr": 0.001, "max_length": 8}
+    from lmadapt.harness import LmadaptLM
+
+    rolling(LmadaptLM(run=str(runs.gpt2), method="dyneval", scope="document", **settings), runs.pages[1:2])
+    assert len(calls) == 3
+    assert len(list(runs.gpt2.glob("dyneval-stats-*.pt"))) == 2
 
 
 def test_carry_context_in_stream_scope_carries_the_lstm_state(runs):

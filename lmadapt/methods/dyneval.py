@@ -179,6 +179,10 @@ class DynamicEvaluation(ModelAdapter):
         h.update(train.to("cpu", torch.int64).contiguous().numpy().tobytes())
         p = self.params
         h.update(f"split=train;L={p.segment};batch={p.stat_batch};max_batches={p.max_batches};v1".encode())
+        # A wrapper that changes how a pass over other text runs (the harness's windows) says so
+        context = getattr(self.model, "statistics_context", "")
+        if context:
+            h.update(f";context={context}".encode())
         return h.hexdigest()[:24]
 
     # ------------------------------------------------------------------ the loop's hooks
