@@ -205,12 +205,23 @@ def gradient_rms(model, params: list[torch.Tensor], train: torch.Tensor, segment
     if train.numel() < 2 * batch + 2:
         raise LmadaptError(f"dyneval's statistics need at least {2 * batch + 2} training tokens at stat_batch "
                            f"{batch}, got {train.numel()}")
+    from lmadapt.heap import reuse_freed_memory
+
     was_training = model.training
     model.eval()
-    data = batchify(train, batch)  # (batch, n): row b is the b-th contiguous slice
+    try:
+        with reuse_freed_memory():  # large logits at every step: see lmadapt/heap.py
+            return _gradient_rms(model, params, batchify(train, batch), segment, max_batches)
+    finally:
+        model.train(was_training)
+
+
+def _gradient_rms(model, params, data: torch.Tensor, segment: int, max_batches: int) -> list[torch.Tensor]:
+    """gradient_rms over `data` (batch, n), the model in eval mode."""
+    batch = data.size(0)
     n = data.size(1)
     sums = [torch.zeros_like(q) for q in params]
-    state, count, i = model.init_state(batch, train.device), 0, 0
+    state, count, i = model.init_state(batch, data.device), 0, 0
     while i < n - 2:  # the reference's bound: its last segment may be shorter
         seq = min(segment, n - 1 - i)
         x, y = data[:, i:i + seq], data[:, i + 1:i + 1 + seq]
@@ -223,7 +234,6 @@ def gradient_rms(model, params: list[torch.Tensor], train: torch.Tensor, segment
         i += seq
         if max_batches and count >= max_batches:
             break
-    model.train(was_training)
     return [(acc / count).sqrt() for acc in sums]
 
 
