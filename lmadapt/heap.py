@@ -9,7 +9,9 @@ page faults. `reuse_freed_memory()` tells malloc to take everything from its hea
 not to trim it for the duration, then restores glibc's documented defaults and gives the
 memory back (setting them also freezes glibc's self-adjusting mmap threshold where it
 stood, which the small allocations of an evaluation do not notice). A no-op where the C
-library is not glibc.
+library is not glibc, or when the environment sets LMADAPT_MALLOC_DEFAULTS=1 (leave malloc
+as it is: the heap then holds the pass's peak until the pass ends, which a machine short of
+memory may not want).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -38,7 +41,7 @@ def _glibc():
 
 @contextlib.contextmanager
 def reuse_freed_memory():
-    libc = _glibc()
+    libc = None if os.environ.get("LMADAPT_MALLOC_DEFAULTS") == "1" else _glibc()
     if libc is None:
         yield False
         return

@@ -289,6 +289,13 @@ def fit(run_dir: str | Path, cfg: RunConfig, corpus, device: str | torch.device 
     `on_checkpoint()` is called on the main rank after each resumable checkpoint is
     written (`lmadapt train --force` drops the run it replaces at the first one).
     """
+    from lmadapt.heap import reuse_freed_memory
+
+    with reuse_freed_memory():  # logits of batch x bptt x vocabulary at every step: see lmadapt/heap.py
+        return _fit(run_dir, cfg, corpus, device, resume, interrupt_after_steps, on_checkpoint)
+
+
+def _fit(run_dir, cfg: RunConfig, corpus, device, resume: bool, interrupt_after_steps, on_checkpoint) -> dict | None:
     run_dir = Path(run_dir)
     device = torch.device(device)
     t = cfg.train

@@ -32,3 +32,11 @@ def test_freed_memory_is_reused_inside_and_returned_after():
         rounds = [faults_of_repeated_allocation() for _ in range(4)]
         assert rounds[-1] < PAGES // 4, rounds
     assert faults_of_repeated_allocation() > 6 * PAGES  # defaults back: mapped afresh again
+
+
+def test_the_environment_can_leave_malloc_alone(monkeypatch):
+    monkeypatch.setenv("LMADAPT_MALLOC_DEFAULTS", "1")
+    with heap.reuse_freed_memory() as active:
+        assert not active
+        faults_of_repeated_allocation(2)
+        assert faults_of_repeated_allocation() > 6 * PAGES  # still mapped afresh every time
