@@ -39,17 +39,25 @@ def _glibc():
     return libc
 
 
+_depth = 0  # nested uses: only the outermost one sets and restores
+
+
 @contextlib.contextmanager
 def reuse_freed_memory():
+    global _depth
     libc = None if os.environ.get("LMADAPT_MALLOC_DEFAULTS") == "1" else _glibc()
     if libc is None:
         yield False
         return
-    libc.mallopt(_M_MMAP_MAX, 0)  # no mmap'd chunks: large blocks come from the heap
-    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # and stay there while the pass runs
+    if _depth == 0:
+        libc.mallopt(_M_MMAP_MAX, 0)  # no mmap'd chunks: large blocks come from the heap
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # and stay there while the pass runs
+    _depth += 1
     try:
         yield True
     finally:
-        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-        libc.malloc_trim(0)  # what the pass held goes back to the kernel
+        _depth -= 1
+        if _depth == 0:
+            libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+            libc.malloc_trim(0)  # what the pass held goes back to the kernel
