@@ -14,6 +14,11 @@ Every figure is measured here and written as JSON under bench/knn/results/ (or -
           knn+cache settings and weights (dyneval's λ sweep is not part of the mixer pass).
           --tune-tokens / --test-tokens score prefixes; --jobs N runs N processes at a time
           (builds and test evaluations), each with --threads threads.
+  mbpa    MbPA drawing its neighbours from the test stream, the datastore or both, on a test
+          prefix (a comparison of sources, not a tuned result).
+  dyneval `lmadapt tune --method dyneval+knn+cache` on valid: the mixture tuned as a whole
+          (dyneval's settings and knn/cache's from --grid, all three λ jointly), then
+          `lmadapt eval --config` on test[:--dyneval-tokens] (0: all of it).
 
   python bench/knn/run.py RUN --stages build,speed,tune --tag ptb [--threads 1] [--jobs 2]
 """
@@ -127,14 +132,14 @@ def stage_speed(args, out: Path) -> dict:
             row.update(kind=kind, nprobe=nprobe, recompute=rec, k=args.k, ratio_to_plain=
                        row["tokens_per_second"] / plain["tokens_per_second"])
 
-    # Neighbour overlap of IVF-PQ with the exact search, on the flat prefix.
-    with torch.no_grad():
-        hidden, _, _ = model(test[:max(args.flat_tokens, 1)].unsqueeze(0))
-    q = hidden[0]
-    flat, pq = Datastore(flat_dir), Datastore(pq_dir)
-    if args.flat_tokens <= 0:
+    if args.flat_tokens <= 0:   # no flat pass: nothing to compare the IVF-PQ neighbours with
         return {"k": args.k, "temperature": args.temperature, "lambda": args.lam, "threads": args.threads,
                 "rows": rows}
+    # Neighbour overlap of IVF-PQ with the exact search, on the flat prefix.
+    with torch.no_grad():
+        hidden, _, _ = model(test[:args.flat_tokens].unsqueeze(0))
+    q = hidden[0]
+    flat, pq = Datastore(flat_dir), Datastore(pq_dir)
     _, exact_ids = flat.search(q, args.k)
     overlap = {}
     for nprobe in args.nprobe:
@@ -211,6 +216,42 @@ def stage_tune(args, out: Path) -> dict:
             "lambda_grid": best["lambda_grid"], "grid": best["grid"], "table": table}
 
 
+def stage_dyneval(args, out: Path) -> dict:
+    """dyneval+knn+cache tuned as a whole on valid[:--tune-tokens] (dyneval's settings by --grid
+    dyneval.*, those of knn and cache by --grid too, every λ jointly in tune's sweep over stored
+    columns), then evaluated on test[:--dyneval-tokens] (0: all of test) with what it chose."""
+    ds = Path(args.datastores) / f"{args.tag}-ivfpq"
+    tuned = out / f"tune-{args.tag}-{DYNEVAL_MIXTURE}.json"
+    cmd = [sys.executable, "-m", "lmadapt", "tune", args.run, "--method", DYNEVAL_MIXTURE, "--split", "valid",
+           "--datastore", str(ds), "--out", str(tuned), "--threads", str(args.threads),
+           "--knn-nprobe", str(args.tune_nprobe), *sum((["--grid", g] for g in args.grid), [])]
+    if args.tune_tokens:
+        cmd += ["--tokens", str(args.tune_tokens)]
+    if args.reuse and tuned.exists():
+        tune_m = {"reused": True}
+    else:
+        tune_m = _run_measured(cmd, out / f"tune-{args.tag}-{DYNEVAL_MIXTURE}.log")
+    best = json.loads(tuned.read_text())
+    test_json = out / f"test-{args.tag}-{DYNEVAL_MIXTURE}-tuned.json"
+    ev = [sys.executable, "-m", "lmadapt", "eval", args.run, "--split", "test", "--config", str(tuned),
+          "--datastore", str(ds), "--json", str(test_json), "--threads", str(args.threads), "--overwrite"]
+    if args.dyneval_tokens:
+        ev += ["--tokens", str(args.dyneval_tokens)]
+    eval_m = _run_measured(ev, out / f"test-{args.tag}-{DYNEVAL_MIXTURE}-tuned.log")
+    rep = json.loads(test_json.read_text())
+    entry = rep["methods"][DYNEVAL_MIXTURE]
+    return {"tune_command": " ".join(["lmadapt", *cmd[3:]]), "tune": tune_m, "valid_tokens": best["tokens"],
+            "valid_lstm_ppl": best["base_ppl"], "valid_ppl": best["ppl"], "valid_subsets":
+            {k: v["ppl"] for k, v in best["subsets"].items()}, "grid": best["grid"],
+            "lambda_grid": best["lambda_grid"], "params": best["params"], "lambdas": best["lambdas"],
+            "eval_command": " ".join(["lmadapt", *ev[3:]]), "eval": eval_m, "test_tokens": rep["tokens"],
+            "test_lstm_ppl": rep["methods"]["base"]["ppl"], "test_ppl": entry["ppl"],
+            "delta_vs_lstm_percent": entry["delta_vs_base_percent"],
+            "tokens_per_second": entry["tokens_per_second"],
+            "lstm_tokens_per_second": rep["methods"]["base"]["tokens_per_second"],
+            "mixtures_from_same_pass": rep.get("mixtures_from_same_pass", {})}
+
+
 def stage_mbpa(args, out: Path) -> dict:
     """MbPA over the stream vs over the datastore vs both, same K and alpha, on a test prefix."""
     import torch
@@ -278,7 +319,8 @@ def main() -> None:
     from lmadapt import runs
 
     for stage in args.stages.split(","):
-        fn = {"build": stage_build, "speed": stage_speed, "tune": stage_tune, "mbpa": stage_mbpa}[stage]
+        fn = {"build": stage_build, "speed": stage_speed, "tune": stage_tune, "mbpa": stage_mbpa,
+              "dyneval": stage_dyneval}[stage]
         t = time.perf_counter()
         result = fn(args, out)
         result = {"stage": stage, "run": args.run, "argv": sys.argv, "seconds": time.perf_counter() - t,
