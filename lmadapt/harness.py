@@ -517,7 +517,11 @@ class _GreedyRecorder(nn.Module):
 
     def forward(self, tokens, state=None, compute_logits=True):
         hidden, logits, state = self.inner(tokens, state, compute_logits)
-        if logits is not None:
+        # Only the scored stream (batch size 1) is recorded. Passes over other text at a larger
+        # batch (dyneval's statistics) are not: they were cleared anyway, and tens of thousands
+        # of small tensors kept alive among that pass's large freed blocks fragmented the heap
+        # it keeps (lmadapt.heap), so its resident memory grew by ~3 MB a step.
+        if logits is not None and tokens.size(0) == 1:
             self.sink.append(logits.detach()[0].argmax(-1))
         return hidden, logits, state
 
