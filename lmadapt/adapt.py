@@ -62,6 +62,21 @@ KERNELS = {"all": (1.0, 1.0), "weight": (1.0, 0.0), "bias": (0.0, 1.0)}
 
 
 # --------------------------------------------------------------------------- linear layer
+def scaled_step_weights(w: Tensor, nb_sq_norms: Tensor, valid: Tensor, c: float) -> Tensor:
+    """Kernel weights (m, K) with a per-query step size folded in: α_q = c / mean ‖h_k‖² over
+    query q's valid neighbours, for c = `alpha_scaled` (the cache's scaled θ, for MbPA's α).
+
+    A plain step moves the logits by α Σ_k w_k (h_k.q + 1)(...), so how far one step goes
+    grows with the squared norm of the hidden states, which differs ~25x between the recipe
+    models (bench/defaults/results/key-norms.json). The update depends on α and the weights
+    only through the products α w_k when T = 1 (any β: the prior's gradient is zero at the
+    first step) or when β = 0 (any T), so w_k α_q with α = 1 is MbPA at step α_q exactly.
+    Rows with no valid neighbour keep their zero weights."""
+    n = valid.sum(1).clamp(min=1).to(w.dtype)
+    mean_sq = (nb_sq_norms.to(w.dtype) * valid.to(w.dtype)).sum(1) / n
+    return w * (c / mean_sq.clamp(min=1e-12)).unsqueeze(1)
+
+
 def adapted_log_probs_lowrank(
     queries: Tensor,
     nb_keys: Tensor,
@@ -370,10 +385,15 @@ class LinearMbPA:
     logits_extra: str | None = None
     probs_extra: str | None = None
     adapt: str = "all"
+    alpha_scaled: float = 0.0  # > 0: α_q = alpha_scaled / mean ‖h_k‖² per query (scaled_step_weights)
 
     def log_probs(self, queries: Tensor, memory, *, window=None, query_logits: Tensor | None = None) -> Tensor:
         sq, idx, valid = memory.knn(queries, self.k, window=window)
         w = kernel_weights(sq, valid, self.eps, self.normalise)
+        alpha = self.alpha
+        if self.alpha_scaled > 0:
+            norms = memory.keys.pow(2).sum(1)  # once per call, then K gathered per query
+            w, alpha = scaled_step_weights(w, norms[idx], valid, self.alpha_scaled), 1.0
         probs = logits = None
         if self.probs_extra and self.steps == 1:
             probs = memory.extra(self.probs_extra)
@@ -381,7 +401,7 @@ class LinearMbPA:
             logits = memory.extra(self.logits_extra)
         return adapted_log_probs_lowrank(
             queries, memory.keys, memory.values, w, self.weight, self.bias,
-            alpha=self.alpha, steps=self.steps, beta=self.beta, nb_logits=logits, nb_index=idx,
+            alpha=alpha, steps=self.steps, beta=self.beta, nb_logits=logits, nb_index=idx,
             nb_probs=probs, query_logits=query_logits, nb_sq_dist=sq if probs is not None else None,
             adapt=self.adapt,
         )

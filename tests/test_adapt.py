@@ -267,3 +267,35 @@ def test_lowrank_adapting_only_the_weight_or_the_bias_matches_naive(part, steps,
         torch.testing.assert_close(_probs(out), _probs(ref), atol=ATOL, rtol=0, msg=name)
     with pytest.raises(ValueError, match="adapt must be"):
         adapted_log_probs_lowrank(q, pool, pool_y, w, W, b, nb_index=idx, alpha=0.7, adapt="both")
+
+
+@pytest.mark.parametrize("steps, beta", [(1, 0.0), (1, 0.3), (3, 0.0)])
+def test_scaled_alpha_is_mbpa_at_each_querys_own_step(steps, beta):
+    """alpha_scaled = c: query q takes steps of α_q = c / mean ‖h_k‖² of its own neighbours,
+    exactly (a per-query naive reference), including a query with fewer than K neighbours."""
+    g = torch.Generator().manual_seed(5)
+    d, V, n, m, k, c = 6, 9, 40, 5, 7, 4.0
+    lin = torch.nn.Linear(d, V).to(DT)
+    mem = EpisodicMemory(50, d, dtype=DT, extras={"logits": ((V,), DT)})
+    keys = torch.randn(n, d, generator=g, dtype=DT) * torch.linspace(0.5, 3.0, n, dtype=DT).unsqueeze(1)
+    vals = torch.randint(0, V, (n,), generator=g)
+    with torch.no_grad():
+        mem.add(keys, vals, logits=lin(keys))
+    q = torch.randn(m, d, generator=g, dtype=DT)
+    lo, hi = torch.tensor([0, 5, 10, 0, 20]), torch.tensor([40, 20, 14, 40, 40])  # query 2: 4 < k entries
+    mb = LinearMbPA(lin.weight.detach(), lin.bias.detach(), k=k, alpha=123.0, steps=steps, beta=beta, eps=0.1,
+                    normalise=True, logits_extra="logits", alpha_scaled=c)
+    out = mb.log_probs(q, mem, window=(lo, hi))
+    refs, steps_taken = [], []
+    for i in range(m):
+        cand = torch.arange(lo[i].item(), hi[i].item())
+        dist = ((keys[cand] - q[i]) ** 2).sum(1)
+        sel = cand[dist.argsort()[:k]]
+        wi = 1.0 / (0.1 + ((keys[sel] - q[i]) ** 2).sum(1))
+        lr = c / keys[sel].pow(2).sum(1).mean()
+        steps_taken.append(float(lr))
+        with torch.no_grad():
+            refs.append(naive_mbpa(lin, q[i:i + 1], keys[sel][None], vals[sel][None], (wi / wi.sum())[None],
+                                   steps=steps, lr=float(lr), beta=beta)[0])
+    torch.testing.assert_close(out.exp(), torch.stack(refs).exp(), atol=ATOL, rtol=0)
+    assert max(steps_taken) > 1.5 * min(steps_taken)  # the queries really take different steps

@@ -369,6 +369,25 @@ def test_mbpa_over_the_datastore_equals_a_per_query_reference(setup):
     assert (r.components["mbpa"][0] - r.base).abs().max() > 1e-2
 
 
+def test_mbpa_over_the_datastore_with_the_scaled_alpha(setup):
+    """alpha 0 over the datastore: each query's step is alpha_scaled / mean ‖h_k‖² of its
+    own neighbours (a per-row reference)."""
+    model, valid = setup["model"], setup["corpus"].valid[:41]
+    K, c = 6, 0.5
+    mb = MbPA(MbPAParams(k=K, alpha=0.0, alpha_scaled=c, memory=5000, source="datastore", datastore=str(setup["flat"])))
+    r = stream_eval(model, valid, [mb], {"mbpa": 0.5}, segment_len=20)
+    store = Datastore(setup["flat"])
+    keys = torch.from_numpy(store.keys[:].astype(np.float64))
+    hidden = _hidden(model, valid).double()
+    sq, nn = (torch.cdist(hidden, keys) ** 2).topk(K, largest=False)
+    got = r.components["mbpa"][0].double()
+    for t in (0, 7, 19, 33):
+        lr = float(c / keys[nn[t]].pow(2).sum(1).mean())
+        ref = _naive_mbpa_rows(model, hidden[t:t + 1], keys[nn[t:t + 1]], store.values[nn[t:t + 1]], sq[t:t + 1], lr)
+        torch.testing.assert_close(got[t], ref[0, valid[t + 1]], atol=2e-4, rtol=0)
+    assert (got - r.base).abs().max() > 1e-2
+
+
 def test_mbpa_over_both_takes_the_nearest_of_the_union(setup, tmp_path):
     model, valid = setup["model"], setup["corpus"].valid[:121]
     # A datastore of the small test split, so that recent stream entries win some of the K places.

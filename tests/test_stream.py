@@ -194,3 +194,38 @@ def test_dyneval_in_the_stream_matches_a_plain_autograd_loop(shape, adapt):
     plain = stream_eval(model, stream, [], {})
     assert (ref - plain.base).abs().max() > 1e-2  # the updates do change the scores
     torch.testing.assert_close(got.base, ref, atol=1e-5, rtol=0)
+
+
+def test_mbpa_scaled_alpha_in_the_stream_matches_a_per_query_reference():
+    """alpha 0: each position adapts with α_t = alpha_scaled / mean ‖h_k‖² of its own
+    neighbours, on the stream's T = 1 path (stored probabilities)."""
+    model, stream = tiny_lm(), motif_stream(90)
+    params = MbPAParams(memory=30, k=6, alpha=0.0, alpha_scaled=2.0, steps=1, eps=1e-3)
+    r = stream_eval(model, stream, [MbPA(params)], {"mbpa": 0.5})
+    hidden, _ = _hidden_and_logits(model, stream)
+    targets = stream[1:]
+    log_p = r.components["mbpa"][0]
+    steps = []
+    for t in (10, 31, 55, 88):
+        lo = max(0, t - params.memory)
+        keys, vals = hidden[lo:t].double(), targets[lo:t]
+        d2 = ((keys - hidden[t].double()) ** 2).sum(1)
+        sq, idx = d2.topk(min(params.k, t - lo), largest=False)
+        w = kernel_weights(sq, torch.ones_like(sq, dtype=torch.bool), params.eps, params.normalise)
+        lr = params.alpha_scaled / keys[idx].pow(2).sum(1).mean()
+        steps.append(float(lr))
+        layer = copy.deepcopy(model.decoder).double()
+        ref = naive_mbpa(layer, hidden[t:t + 1].double(), keys[idx].unsqueeze(0), vals[idx].unsqueeze(0),
+                         w.unsqueeze(0), steps=1, lr=float(lr))
+        torch.testing.assert_close(log_p[t].double(), ref[0, targets[t]], atol=1e-4, rtol=0)
+    assert (log_p - r.base).abs().max() > 1e-2  # it adapts
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"optimizer": "adam"}, "needs optimizer sgd"),
+    ({"steps": 3, "beta": 0.1}, "needs beta 0"),
+])
+def test_mbpa_scaled_alpha_refuses_what_it_cannot_do_exactly(bad, message):
+    with pytest.raises(LmadaptError, match=message):
+        MbPA(MbPAParams(memory=30, k=6, alpha=0.0, **bad))
+    MbPA(MbPAParams(memory=30, k=6, alpha=0.5, **bad))  # a fixed alpha takes them

@@ -46,7 +46,8 @@ class MbPAParams:
     # valid (bench/defaults); the paper's App. B setting is the preset "paper".
     memory: int = 2000      # N: past positions searched
     k: int = 32             # neighbours per query
-    alpha: float = 3.0      # local learning rate
+    alpha: float = 3.0      # local learning rate; 0: scaled to the hidden states' norms, below
+    alpha_scaled: float = 67.0  # c of the scaled α = c / mean ‖h_k‖² of each query's neighbours
     steps: int = 1          # T local steps
     beta: float = 0.0       # prior weight on ||theta_x - theta||^2
     eps: float = 1e-3       # kernel epsilon
@@ -58,7 +59,9 @@ class MbPAParams:
     datastore: str = ""     # kNN-LM datastore for source datastore|both (--datastore)
 
     RANGES: ClassVar[dict] = {"memory": at_least(1), "k": at_least(1), "alpha": NON_NEGATIVE, "steps": at_least(1),
-                              "beta": NON_NEGATIVE, "eps": POSITIVE}
+                              "beta": NON_NEGATIVE, "eps": POSITIVE, "alpha_scaled": POSITIVE}
+    HELP: ClassVar[dict] = {"alpha": "local learning rate α; 0 scales it to the neighbours' squared norms",
+                            "alpha_scaled": "c of the scaled α = c / mean squared norm of each query's neighbours"}
 
 
 _STORE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -77,7 +80,9 @@ class MbPA(MixtureMethod):
     # Searched by `lmadapt tune`: the paper's App. B grid (PAPER_GRID) tops out at alpha 1 and
     # K >= 256, while on the CPU-scale models here small K with large alpha does best
     # (bench/defaults: every setting of this grid on each recipe model's valid split).
-    grid = {"memory": [500, 2000, 5000], "k": [32, 256], "steps": [1], "alpha": [0.15, 1.0, 3.0, 10.0, 30.0]}
+    # alpha 0 is the scaled α at the default c (67 = 3 x 22.4: the fixed α = 3 on the model
+    # whose mean squared hidden norm is 22.4, bench/defaults); the others are fixed steps.
+    grid = {"memory": [500, 2000, 5000], "k": [32, 256], "steps": [1], "alpha": [0.0, 0.15, 1.0, 3.0, 10.0, 30.0]}
     PAPER_GRID = {"memory": [500, 1000, 5000], "k": [256, 512], "steps": [1, 5, 10],
                   "alpha": [0.01, 0.1, 0.15, 0.2, 0.5, 1.0]}
     PRESETS = {"paper": {"memory": 5000, "k": 256, "alpha": 0.15, "steps": 1, "lambda": 0.1}}  # App. B, PTB
@@ -101,6 +106,12 @@ class MbPA(MixtureMethod):
             raise LmadaptError(f"mbpa source {p.source} needs --datastore DIR")
         if p.source != "stream" and p.optimizer != "sgd":
             raise LmadaptError("mbpa source datastore|both supports optimizer sgd only")
+        if p.alpha == 0 and p.optimizer != "sgd":
+            raise LmadaptError(f"mbpa's scaled alpha (alpha 0) needs optimizer sgd, got {p.optimizer}: give a fixed --mbpa-alpha")
+        if p.alpha == 0 and p.steps > 1 and p.beta > 0:
+            # The per-query step is folded into the kernel weights, exact only without the prior
+            # after the first step (lmadapt.adapt.scaled_step_weights).
+            raise LmadaptError("mbpa's scaled alpha (alpha 0) with steps > 1 needs beta 0: give a fixed --mbpa-alpha")
 
     def _one_step(self) -> bool:
         return self.params.optimizer == "sgd" and self.params.steps == 1
@@ -131,6 +142,7 @@ class MbPA(MixtureMethod):
         self.decoder = ctx.model.output_layer()  # shares the weight: sees dyneval's updates
         p = self.params
         self.local = LinearMbPA(self.decoder.weight.detach(), self.decoder.bias.detach(), k=p.k, alpha=p.alpha,
+                                alpha_scaled=p.alpha_scaled if p.alpha == 0 else 0.0,
                                 steps=p.steps, beta=p.beta, eps=p.eps, normalise=p.normalise,
                                 logits_extra="log_probs", probs_extra="probs", adapt=p.adapt)
 
@@ -142,6 +154,7 @@ class MbPA(MixtureMethod):
             log_probs = mbpa_log_probs(p.source, self.store, self.memory, seg.hidden, seg.logits, window, k=p.k,
                                        nprobe=32, weight=self.decoder.weight, bias=self.decoder.bias,
                                        alpha=p.alpha, steps=p.steps, beta=p.beta, eps=p.eps,
+                                       alpha_scaled=p.alpha_scaled if p.alpha == 0 else 0.0,
                                        normalise=p.normalise, adapt=p.adapt)
         elif p.optimizer == "sgd":
             # Dynamic evaluation may have moved the weights: always adapt from the current ones.

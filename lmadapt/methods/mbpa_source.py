@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmadapt.adapt import adapted_log_probs_lowrank, kernel_weights
+from lmadapt.adapt import adapted_log_probs_lowrank, kernel_weights, scaled_step_weights
 
 SOURCES = ("stream", "datastore", "both")
 _ROWS = 32   # queries per block: U <= rows x K (x 2 for both) neighbour logits at a time
@@ -39,8 +39,9 @@ def _stream_pool(memory, hidden: torch.Tensor, k: int, window):
 
 def mbpa_log_probs(source: str, store, memory, hidden: torch.Tensor, logits: torch.Tensor, window, *, k: int,
                    nprobe: int, weight: torch.Tensor, bias: torch.Tensor, alpha: float, steps: int, beta: float,
-                   eps: float, normalise: bool, adapt: str) -> torch.Tensor:
-    """(m, V) adapted log-probabilities with neighbours from `source` ("datastore" or "both")."""
+                   eps: float, normalise: bool, adapt: str, alpha_scaled: float = 0.0) -> torch.Tensor:
+    """(m, V) adapted log-probabilities with neighbours from `source` ("datastore" or "both");
+    alpha_scaled > 0 takes a per-query step as lmadapt.adapt.scaled_step_weights does."""
     out = []
     device = hidden.device
     W, b = weight.detach().cpu().float(), bias.detach().cpu().float()
@@ -60,6 +61,9 @@ def mbpa_log_probs(source: str, store, memory, hidden: torch.Tensor, logits: tor
             idx, valid = cand_idx.gather(1, order), cand_valid.gather(1, order)
             keys, values = torch.cat([keys, s_keys]), torch.cat([values, s_values])
         w = kernel_weights(sq.masked_fill(~valid, 0.0), valid, eps, normalise)
-        out.append(adapted_log_probs_lowrank(q, keys, values, w, W, b, alpha=alpha, steps=steps, beta=beta,
+        step = alpha
+        if alpha_scaled > 0:
+            w, step = scaled_step_weights(w, keys.pow(2).sum(1)[idx], valid, alpha_scaled), 1.0
+        out.append(adapted_log_probs_lowrank(q, keys, values, w, W, b, alpha=step, steps=steps, beta=beta,
                                              nb_index=idx, query_logits=ql, adapt=adapt))
     return torch.cat(out).to(device)
