@@ -92,6 +92,19 @@ def tiny_llama(vocab=30, seed=0, context=CONTEXT, keep=KEEP):
 BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
 
 
+def mbpa_reference_neighbours(hidden, targets, t: int, params):
+    """Brute-force MbPA neighbours of position t in a stream memory of the last
+    params.memory positions: (keys (K, d), values (K,), kernel weights (K,)), float64."""
+    from lmadapt.adapt import kernel_weights
+
+    lo = max(0, t - params.memory)
+    keys, vals = hidden[lo:t].double(), targets[lo:t]
+    d2 = ((keys - hidden[t].double()) ** 2).sum(1)
+    sq, idx = d2.topk(min(params.k, t - lo), largest=False)
+    w = kernel_weights(sq, torch.ones_like(sq, dtype=torch.bool), params.eps, params.normalise)
+    return keys[idx], vals[idx], w
+
+
 def motif_stream(n: int, vocab: int = 30, seed: int = 1) -> torch.Tensor:
     """A token stream that repeats a 23-token motif 70 % of the time, noise otherwise.
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from lmadapt import runs  # noqa: E402
-from lmadapt.adapt import kernel_weights, naive_mbpa  # noqa: E402
+from lmadapt.adapt import naive_mbpa  # noqa: E402
 from lmadapt.backbones.hf import HFCausalLM  # noqa: E402
 from lmadapt.cli import main  # noqa: E402
 from lmadapt.corpus import load_corpus  # noqa: E402
@@ -27,7 +27,7 @@ from lmadapt.train import fit  # noqa: E402
 
 from conftest import TrainSplit as _Corpus  # noqa: E402
 from conftest import BUILDERS, CONTEXT, KEEP, tiny_gpt2, tiny_llama  # noqa: E402,F401
-from conftest import motif_stream, tiny_config  # noqa: E402
+from conftest import mbpa_reference_neighbours, motif_stream, tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,13 +95,9 @@ def test_mbpa_on_gpt2_matches_the_naive_reference_and_leaves_the_tied_embedding(
         head.weight.copy_(model.lm.lm_head.weight)
         head.bias.zero_()
     for t in (10, 31, 55, 88):
-        lo = max(0, t - params.memory)
-        keys, vals = hidden[lo:t].double(), targets[lo:t]
-        d2 = ((keys - hidden[t].double()) ** 2).sum(1)
-        sq, idx = d2.topk(min(params.k, t - lo), largest=False)
-        w = kernel_weights(sq, torch.ones_like(sq, dtype=torch.bool), params.eps, params.normalise)
-        ref = naive_mbpa(copy.deepcopy(head), hidden[t:t + 1].double(), keys[idx].unsqueeze(0),
-                         vals[idx].unsqueeze(0), w.unsqueeze(0), steps=params.steps, lr=params.alpha, beta=params.beta)
+        keys, vals, w = mbpa_reference_neighbours(hidden, targets, t, params)
+        ref = naive_mbpa(copy.deepcopy(head), hidden[t:t + 1].double(), keys.unsqueeze(0),
+                         vals.unsqueeze(0), w.unsqueeze(0), steps=params.steps, lr=params.alpha, beta=params.beta)
         torch.testing.assert_close(log_p[t].double(), ref[0, targets[t]], atol=1e-4, rtol=0)
 
 

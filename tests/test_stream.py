@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from lmadapt.adapt import kernel_weights, naive_mbpa
+from lmadapt.adapt import naive_mbpa
 from lmadapt.errors import LmadaptError
 from lmadapt.methods import parse_combination
 from lmadapt.methods.cache import CacheParams, NeuralCache
@@ -16,7 +16,7 @@ from lmadapt.methods.mbpa import MbPA, MbPAParams
 from lmadapt.mix import check_lambdas, mix_log_probs
 
 from conftest import TrainSplit as _Corpus
-from conftest import motif_stream, tiny_lm
+from conftest import mbpa_reference_neighbours, motif_stream, tiny_lm
 from lmadapt.stream import stream_eval
 
 
@@ -74,14 +74,9 @@ def test_mbpa_in_the_stream_matches_the_naive_reference():
     targets = stream[1:]
     log_p = r.components["mbpa"][0]
     for t in (10, 31, 55, 88):
-        lo = max(0, t - params.memory)
-        keys, vals = hidden[lo:t].double(), targets[lo:t]
-        d2 = ((keys - hidden[t].double()) ** 2).sum(1)
-        k = min(params.k, t - lo)
-        sq, idx = d2.topk(k, largest=False)
-        w = kernel_weights(sq, torch.ones_like(sq, dtype=torch.bool), params.eps, params.normalise)
+        keys, vals, w = mbpa_reference_neighbours(hidden, targets, t, params)
         layer = copy.deepcopy(model.decoder).double()
-        ref = naive_mbpa(layer, hidden[t:t + 1].double(), keys[idx].unsqueeze(0), vals[idx].unsqueeze(0),
+        ref = naive_mbpa(layer, hidden[t:t + 1].double(), keys.unsqueeze(0), vals.unsqueeze(0),
                          w.unsqueeze(0), steps=params.steps, lr=params.alpha, beta=params.beta)
         torch.testing.assert_close(log_p[t].double(), ref[0, targets[t]], atol=1e-4, rtol=0)
 
@@ -207,15 +202,11 @@ def test_mbpa_scaled_alpha_in_the_stream_matches_a_per_query_reference():
     log_p = r.components["mbpa"][0]
     steps = []
     for t in (10, 31, 55, 88):
-        lo = max(0, t - params.memory)
-        keys, vals = hidden[lo:t].double(), targets[lo:t]
-        d2 = ((keys - hidden[t].double()) ** 2).sum(1)
-        sq, idx = d2.topk(min(params.k, t - lo), largest=False)
-        w = kernel_weights(sq, torch.ones_like(sq, dtype=torch.bool), params.eps, params.normalise)
-        lr = params.alpha_scaled / keys[idx].pow(2).sum(1).mean()
+        keys, vals, w = mbpa_reference_neighbours(hidden, targets, t, params)
+        lr = params.alpha_scaled / keys.pow(2).sum(1).mean()
         steps.append(float(lr))
         layer = copy.deepcopy(model.decoder).double()
-        ref = naive_mbpa(layer, hidden[t:t + 1].double(), keys[idx].unsqueeze(0), vals[idx].unsqueeze(0),
+        ref = naive_mbpa(layer, hidden[t:t + 1].double(), keys.unsqueeze(0), vals.unsqueeze(0),
                          w.unsqueeze(0), steps=1, lr=float(lr))
         torch.testing.assert_close(log_p[t].double(), ref[0, targets[t]], atol=1e-4, rtol=0)
     assert (log_p - r.base).abs().max() > 1e-2  # it adapts
