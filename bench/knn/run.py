@@ -161,18 +161,23 @@ def _eval_cmd(args, name: str, out: Path, ds: Path) -> list[str]:
     return cmd + (["--tokens", str(tokens)] if tokens else [])
 
 
-def stage_tune(args, out: Path) -> dict:
-    ds = Path(args.datastores) / f"{args.tag}-ivfpq"
-    best_path = out / f"tune-{args.tag}-knn+mbpa+cache.json"
-    cmd = [sys.executable, "-m", "lmadapt", "tune", args.run, "--method", "knn+mbpa+cache", "--split", "valid",
+def _tune(args, method: str, ds: Path, best_path: Path, log: Path) -> tuple[list[str], dict]:
+    """`lmadapt tune --method METHOD` on valid[:--tune-tokens] with --grid, written to best_path;
+    with --reuse an existing result is kept (an interrupted run's; its time not re-measured)."""
+    cmd = [sys.executable, "-m", "lmadapt", "tune", args.run, "--method", method, "--split", "valid",
            "--datastore", str(ds), "--out", str(best_path), "--threads", str(args.threads),
            "--knn-nprobe", str(args.tune_nprobe), *sum((["--grid", g] for g in args.grid), [])]
     if args.tune_tokens:
         cmd += ["--tokens", str(args.tune_tokens)]
     if args.reuse and best_path.exists():
-        tune_m = {"reused": True}  # an interrupted run's tune result; its time was not re-measured
-    else:
-        tune_m = _run_measured(cmd, out / f"tune-{args.tag}.log")
+        return cmd, {"reused": True}
+    return cmd, _run_measured(cmd, log)
+
+
+def stage_tune(args, out: Path) -> dict:
+    ds = Path(args.datastores) / f"{args.tag}-ivfpq"
+    best_path = out / f"tune-{args.tag}-knn+mbpa+cache.json"
+    cmd, tune_m = _tune(args, "knn+mbpa+cache", ds, best_path, out / f"tune-{args.tag}.log")
     best = json.loads(best_path.read_text())
     table, jobs, names, reused = {}, [], [], {}
     for name in [DYNEVAL_MIXTURE, *MIXTURES]:   # the slowest first, so that --jobs overlaps it with the rest
@@ -222,15 +227,7 @@ def stage_dyneval(args, out: Path) -> dict:
     columns), then evaluated on test[:--dyneval-tokens] (0: all of test) with what it chose."""
     ds = Path(args.datastores) / f"{args.tag}-ivfpq"
     tuned = out / f"tune-{args.tag}-{DYNEVAL_MIXTURE}.json"
-    cmd = [sys.executable, "-m", "lmadapt", "tune", args.run, "--method", DYNEVAL_MIXTURE, "--split", "valid",
-           "--datastore", str(ds), "--out", str(tuned), "--threads", str(args.threads),
-           "--knn-nprobe", str(args.tune_nprobe), *sum((["--grid", g] for g in args.grid), [])]
-    if args.tune_tokens:
-        cmd += ["--tokens", str(args.tune_tokens)]
-    if args.reuse and tuned.exists():
-        tune_m = {"reused": True}
-    else:
-        tune_m = _run_measured(cmd, out / f"tune-{args.tag}-{DYNEVAL_MIXTURE}.log")
+    cmd, tune_m = _tune(args, DYNEVAL_MIXTURE, ds, tuned, out / f"tune-{args.tag}-{DYNEVAL_MIXTURE}.log")
     best = json.loads(tuned.read_text())
     test_json = out / f"test-{args.tag}-{DYNEVAL_MIXTURE}-tuned.json"
     ev = [sys.executable, "-m", "lmadapt", "eval", args.run, "--split", "test", "--config", str(tuned),
