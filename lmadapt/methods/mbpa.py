@@ -113,6 +113,10 @@ class MbPA(MixtureMethod):
             # after the first step (lmadapt.adapt.scaled_step_weights).
             raise LmadaptError("mbpa's scaled alpha (alpha 0) with steps > 1 needs beta 0: give a fixed --mbpa-alpha")
 
+    def _scaled_step(self) -> float:
+        """c of the scaled step when alpha is 0, else 0 (a fixed step)."""
+        return self.params.alpha_scaled if self.params.alpha == 0 else 0.0
+
     def _one_step(self) -> bool:
         return self.params.optimizer == "sgd" and self.params.steps == 1
 
@@ -142,7 +146,7 @@ class MbPA(MixtureMethod):
         self.decoder = ctx.model.output_layer()  # shares the weight: sees dyneval's updates
         p = self.params
         self.local = LinearMbPA(self.decoder.weight.detach(), self.decoder.bias.detach(), k=p.k, alpha=p.alpha,
-                                alpha_scaled=p.alpha_scaled if p.alpha == 0 else 0.0,
+                                alpha_scaled=self._scaled_step(),
                                 steps=p.steps, beta=p.beta, eps=p.eps, normalise=p.normalise,
                                 logits_extra="log_probs", probs_extra="probs", adapt=p.adapt)
 
@@ -154,7 +158,7 @@ class MbPA(MixtureMethod):
             log_probs = mbpa_log_probs(p.source, self.store, self.memory, seg.hidden, seg.logits, window, k=p.k,
                                        nprobe=32, weight=self.decoder.weight, bias=self.decoder.bias,
                                        alpha=p.alpha, steps=p.steps, beta=p.beta, eps=p.eps,
-                                       alpha_scaled=p.alpha_scaled if p.alpha == 0 else 0.0,
+                                       alpha_scaled=self._scaled_step(),
                                        normalise=p.normalise, adapt=p.adapt)
         elif p.optimizer == "sgd":
             # Dynamic evaluation may have moved the weights: always adapt from the current ones.
