@@ -37,7 +37,8 @@ T = 13          # the changed token: inside a segment at L = 3 and L = 16, not i
 # Small settings so that memories fill, windows slide and updates matter within N tokens.
 # A method not listed here runs at its defaults.
 SETTINGS = {
-    "dyneval": [{"lr": 0.01, "decay": 0.002, "stat_batch": 4}],
+    "dyneval": [{"lr": 0.01, "decay": 0.002, "stat_batch": 4},
+                {"lr": 0.0, "lr_scaled": 0.05, "decay": 0.002, "stat_batch": 4}],  # fixed η and the scaled one
     "mbpa": [{"memory": 12, "k": 4, "alpha": 0.5, "steps": 1},
              {"memory": 12, "k": 4, "alpha": 0.5, "steps": 2, "beta": 0.1}],
     "cache": [{"window": 8, "theta": 0.5}, {"window": 8}],  # fixed θ and the scaled one

@@ -110,20 +110,22 @@ def test_normaliser_is_the_mean_of_tensor_means():
     assert clipped[1].max().item() == pytest.approx(1.2)
 
 
-def test_defaults_and_grid_are_the_reference_ones():
+def test_defaults_scale_the_rate_and_the_grid_and_preset_hold_the_reference_ones():
     p = DynEvalParams()
-    assert (p.lr, p.decay, p.eps, p.segment, p.variant, p.stat_batch, p.max_batches) == \
-        (5e-5, 0.002, 2e-5, 5, "rms", 100, 0)
-    assert DynamicEvaluation.grid_for({}) == {"lr": REFERENCE_LRS + LOW_LRS, "decay": REFERENCE_DECAYS}
+    # The scaled η (lr 0) with c = 5e-5 x √22.4; the rest is the reference code's setting.
+    assert (p.lr, p.lr_scaled, p.decay, p.eps, p.segment, p.variant, p.stat_batch, p.max_batches) == \
+        (0.0, 2.37e-4, 0.002, 2e-5, 5, "rms", 100, 0)
+    assert DynamicEvaluation.PRESETS["paper"] == {"lr": 5e-5, "decay": 0.002}
+    assert DynamicEvaluation.grid_for({}) == {"lr": [0.0] + REFERENCE_LRS + LOW_LRS, "decay": REFERENCE_DECAYS}
     g20 = DynamicEvaluation.grid_for({"segment": "20"})  # as from a CLI flag
-    assert g20["lr"] == pytest.approx([4 * v for v in REFERENCE_LRS + LOW_LRS])
+    assert g20["lr"] == pytest.approx([0.0] + [4 * v for v in REFERENCE_LRS + LOW_LRS])
     assert g20["decay"] == pytest.approx([4 * v for v in REFERENCE_DECAYS])
 
     from lmadapt.tune import _settings
 
     settings = _settings("dyneval", {"segment": 10}, {})
-    assert len(settings) == len(REFERENCE_LRS + LOW_LRS) * len(REFERENCE_DECAYS) == 36
-    assert sorted({s["lr"] for s in settings}) == pytest.approx(sorted(2 * v for v in REFERENCE_LRS + LOW_LRS))
+    assert len(settings) == (1 + len(REFERENCE_LRS + LOW_LRS)) * len(REFERENCE_DECAYS) == 40
+    assert sorted({s["lr"] for s in settings}) == pytest.approx(sorted([0.0] + [2 * v for v in REFERENCE_LRS + LOW_LRS]))
 
 
 def test_bad_settings_are_one_line_errors():

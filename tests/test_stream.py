@@ -128,8 +128,9 @@ def test_dynamic_evaluation_adapts_and_leaves_the_model_alone(variant):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     corpus = _Corpus(motif_stream(300, seed=5))
     plain = stream_eval(model, stream, [], {}, segment_len=5)
-    frozen = stream_eval(model, stream, [DynamicEvaluation(DynEvalParams(lr=0.0, decay=0.0, variant=variant))], {},
-                         corpus=corpus)
+    # lr 0 is the scaled rate; with its c at 0 too nothing moves
+    frozen = stream_eval(model, stream, [DynamicEvaluation(DynEvalParams(lr=0.0, lr_scaled=0.0, decay=0.0,
+                                                                         variant=variant))], {}, corpus=corpus)
     torch.testing.assert_close(frozen.base, plain.base, atol=1e-5, rtol=0)
     lr = 0.3 if variant == "sgd" else 0.01
     adapted = stream_eval(model, stream, [DynamicEvaluation(DynEvalParams(lr=lr, decay=0.0, variant=variant,
@@ -142,26 +143,29 @@ def test_dynamic_evaluation_adapts_and_leaves_the_model_alone(variant):
         assert torch.equal(v, before[k]), k
 
 
-def _dyneval_reference(model, stream, lr, adapt, segment):
+def _dyneval_reference(model, stream, lr, adapt, segment, lr_scaled=0.0):
     """Plain SGD dynamic evaluation written the obvious way: a full autograd backward of
-    each segment's mean NLL, then w -= lr * grad, for the chosen parameters."""
+    each segment's mean NLL, then w -= lr * grad, for the chosen parameters. lr 0: the
+    scaled rate, lr_scaled / √(mean ‖h‖² over every position scored so far)."""
     import torch.nn.functional as F
 
     model = copy.deepcopy(model)
     chosen = {"all": list(model.parameters()), "output": list(model.decoder.parameters()),
               "lstm": list(model.layers.parameters())}[adapt]
     unique = list({id(p): p for p in chosen}.values())
-    state, out = None, []
+    state, out, norms = None, [], []
     for s in range(0, stream.numel() - 1, segment):
         x, y = stream[s:s + segment], stream[s + 1:s + 1 + segment]
         x = x[:y.numel()]
-        _, logits, state = model(x.unsqueeze(0), state)
+        hidden, logits, state = model(x.unsqueeze(0), state)
         log_p = F.log_softmax(logits[0], -1).gather(1, y.unsqueeze(1)).squeeze(1)
         grads = torch.autograd.grad(-log_p.mean(), unique, allow_unused=True)
+        norms.extend(float(v) for v in hidden[0].detach().pow(2).sum(1))
+        step = lr if lr > 0 else lr_scaled / (sum(norms) / len(norms)) ** 0.5
         with torch.no_grad():
             for p, g in zip(unique, grads):
                 if g is not None:
-                    p.sub_(lr * g)
+                    p.sub_(step * g)
         state = [(h.detach(), c.detach()) for h, c in state]
         out.append(log_p.detach())
     return torch.cat(out)
@@ -188,6 +192,23 @@ def test_dyneval_in_the_stream_matches_a_plain_autograd_loop(shape, adapt):
     ref = _dyneval_reference(model, stream, lr, adapt, 5)
     plain = stream_eval(model, stream, [], {})
     assert (ref - plain.base).abs().max() > 1e-2  # the updates do change the scores
+    torch.testing.assert_close(got.base, ref, atol=1e-5, rtol=0)
+
+
+def test_dyneval_scaled_rate_matches_a_running_norm_reference():
+    """lr 0: each update's η = lr_scaled / √(mean ‖h‖² over the positions scored so far)."""
+    from lmadapt.model import LMConfig, LSTMLM
+
+    torch.manual_seed(4)
+    model = LSTMLM(LMConfig(vocab_size=30, emb_size=8, hidden_size=8, num_layers=2)).eval()
+    with torch.no_grad():
+        model.decoder.weight.mul_(6)
+    stream = motif_stream(61)
+    method = DynamicEvaluation(DynEvalParams(lr=0.0, lr_scaled=0.4, decay=0.0, variant="sgd", segment=5))
+    got = stream_eval(model, stream, [method], {})
+    ref = _dyneval_reference(model, stream, 0.0, "all", 5, lr_scaled=0.4)
+    plain = stream_eval(model, stream, [], {})
+    assert (ref - plain.base).abs().max() > 1e-2
     torch.testing.assert_close(got.base, ref, atol=1e-5, rtol=0)
 
 

@@ -38,6 +38,12 @@ def settings_of(cls, extra: list[dict], override: dict) -> list[dict]:
     return out
 
 
+def _cpu(column):
+    """A stored column (a tensor, or a method's tuple of them) on the CPU: a CUDA sweep's
+    column file must load anywhere."""
+    return tuple(_cpu(c) for c in column) if isinstance(column, tuple) else column.cpu()
+
+
 def key_of(setting: dict) -> str:
     return ",".join(f"{k}={setting[k]}" for k in sorted(setting))
 
@@ -51,6 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", action="append", default=[], metavar="METHOD.PARAM=v1,v2",
                     help="narrow one axis of a method's grid (the preset and defaults are still run)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="e.g. cuda (figures agree with the CPU's to rounding)")
     ap.add_argument("--columns", help="also save every pass's per-token log-probabilities here (.pt)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -66,6 +73,8 @@ def main(argv=None) -> int:
     report = json.loads(out.read_text()) if out.is_file() else {}
     report.update({"model": args.name, "run_dir": str(Path(args.run_dir).resolve()), "split": "valid",
                    "threads": args.threads, "lambdas": LAMBDAS})
+    if args.device != "cpu":
+        report["device"] = args.device
     # every invocation that wrote into this file, in order (a rerun adds settings or rows)
     report.setdefault("commands", [report.pop("command")] if "command" in report else []).append(" ".join(sys.argv))
     report.setdefault("methods", {})
@@ -79,16 +88,16 @@ def main(argv=None) -> int:
 
     overrides, _ = parse_grid(args.grid, args.methods.split(","))
     columns = torch.load(args.columns, weights_only=True) if args.columns and Path(args.columns).is_file() else {}
-    model, corpus, _ = load_for_eval(args.run_dir)
+    model, corpus, _ = load_for_eval(args.run_dir, device=args.device)
     stream = corpus.split("valid")[: args.tokens + 1]
     report["tokens"] = stream.numel() - 1
     t0 = time.perf_counter()
-    base = stream_eval(model, stream, [], {}, corpus=corpus)
+    base = stream_eval(model, stream, [], {}, corpus=corpus, device=args.device)
     report["base_ppl"] = perplexity(base.base)
     report["base_tokens_per_second"] = base.tokens / (time.perf_counter() - t0)
     print(f"{args.name}: base valid[:{report['tokens']}] ppl {report['base_ppl']:.2f}", flush=True)
     save()
-    columns["base"] = base.base
+    columns["base"] = base.base.cpu()
 
     for name in args.methods.split(","):
         cls = REGISTRY[name]
@@ -107,7 +116,7 @@ def main(argv=None) -> int:
             methods = build_methods([name], {name: setting})
             t0 = time.perf_counter()
             lam0 = {m.name: 0.0 for m in methods if name != "dyneval"}
-            r = stream_eval(model, stream, methods, lam0, corpus=corpus, cache_dir=args.run_dir)
+            r = stream_eval(model, stream, methods, lam0, corpus=corpus, cache_dir=args.run_dir, device=args.device)
             seconds = time.perf_counter() - t0
             row = {"params": setting, "seconds": seconds, "tokens_per_second": r.tokens / seconds}
             if name == "dyneval":
@@ -120,7 +129,7 @@ def main(argv=None) -> int:
             row["delta_percent"] = 100 * (row["ppl"] / report["base_ppl"] - 1)
             rows[key] = row
             if args.columns:
-                columns[f"{name}:{key}"] = r.base if name == "dyneval" else r.components[name]
+                columns[f"{name}:{key}"] = _cpu(r.base if name == "dyneval" else r.components[name])
                 torch.save(columns, args.columns)
             print(f"{args.name} {name} {key}: {row['ppl']:.2f} ({row['delta_percent']:+.1f}%) "
                   f"{row['tokens_per_second']:.0f} tok/s", flush=True)

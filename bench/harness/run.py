@@ -20,15 +20,16 @@ import time
 from pathlib import Path
 
 
-def run_row(out: Path, model: str, model_args: str, text: str, task: str, threads: int) -> dict:
+def run_row(out: Path, model: str, model_args: str, text: str, task: str, threads: int,
+            device: str = "cpu") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "lmadapt", "harness", "--task-file", text, "--model", model,
-           "--model_args", model_args, "--tasks", task, "--device", "cpu", "--output_path", str(out)]
+           "--model_args", model_args, "--tasks", task, "--device", device, "--output_path", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    with open(out / "log.txt", "w") as log:  # written as it runs: an interrupted row keeps its progress
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
-    (out / "log.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {out / 'log.txt'}")
     (result,) = out.rglob("results_*.json")
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="more model_args for every lmadapt row, e.g. threads=1")
     ap.add_argument("--stock", action="store_true", help="also lm-eval's --model hf on RUN/hf")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="lm-eval's --device, which both models use (e.g. cuda)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows OUT/rows.json already holds and run only the missing ones")
     a = ap.parse_args()
@@ -70,7 +72,7 @@ def main() -> None:
             continue
         if row_dir.exists():  # an interrupted row: its partial output is not a result
             shutil.rmtree(row_dir)
-        rows.append(run_row(row_dir, model, args, a.text, a.task, a.threads))
+        rows.append(run_row(row_dir, model, args, a.text, a.task, a.threads, a.device))
         print(rows[-1], flush=True)
         write_summary(out, rows)  # after every row: an interrupted benchmark keeps what it measured
     print((out / "summary.md").read_text())

@@ -16,6 +16,14 @@ dynamic-evaluation, dynamiceval.py), "RMS norm with decay to the global prior":
 * θ₀ are the trained weights.  The reference's defaults: η = 5e-5, λ = 0.002,
   ε = 2e-5, L = 5; its grid (η ∈ 3e-5 … 1e-4, λ ∈ 0.001 … 0.005) scales with L/5.
 
+The default η is scaled to the model (lr 0): η = c / √(mean ‖h‖²), the mean over the
+positions the stream has scored so far (h: the output layer's input; `lr_scaled` = c).
+Why: the rms rule moves every weight by about η, so a step changes an output logit by
+about η · Σ|h_i|, which grows with ‖h‖; the same η that is best for an LSTM
+(‖h‖² ≈ 22) diverges on a GPT-2 (‖h‖² ≈ 516).  c = 2.37e-4 = 5e-5 × √22.4 keeps the
+reference's η on the model it was chosen on (bench/defaults, docs/results.md section 9).
+A fixed η (`--dyneval-lr 5e-5`, or `--preset paper`) is the reference's rule exactly.
+
 Where lmadapt differs: `adapt` may restrict the update to a subset of the weights (the
 normaliser is then the mean over that subset's tensors); the reference always adapts
 every weight.  The `sgd` variant is θ ← θ − η ∇ + λ (θ₀ − θ), no statistics.
@@ -57,7 +65,8 @@ LOW_LRS = [5e-6, 1e-5, 2e-5]
 
 @dataclass
 class DynEvalParams:
-    lr: float = 5e-5         # η
+    lr: float = 0.0          # η; 0: scaled to the model, η = lr_scaled / √(mean ‖h‖²) (module docstring)
+    lr_scaled: float = 2.37e-4  # c of the scaled η (5e-5 x √22.4: the reference's η where ‖h‖² = 22.4)
     decay: float = 0.002     # λ, pull toward the trained weights
     eps: float = 2e-5        # ε of the rms rule
     segment: int = 5         # L, tokens per update
@@ -66,8 +75,11 @@ class DynEvalParams:
     stat_batch: int = 100    # batch size of the gradient statistics (rms)
     max_batches: int = 0     # statistics over the first N batches of the training split (0: all of it)
 
-    RANGES: ClassVar[dict] = {"lr": NON_NEGATIVE, "decay": between(0, 1), "eps": POSITIVE, "segment": at_least(1),
-                              "stat_batch": at_least(1), "max_batches": NON_NEGATIVE}
+    RANGES: ClassVar[dict] = {"lr": NON_NEGATIVE, "lr_scaled": NON_NEGATIVE, "decay": between(0, 1), "eps": POSITIVE,
+                              "segment": at_least(1), "stat_batch": at_least(1), "max_batches": NON_NEGATIVE}
+    HELP: ClassVar[dict] = {"lr": "learning rate η; 0 scales it to the model: lr_scaled / root-mean-square norm of "
+                                  "the output layer's inputs so far",
+                            "lr_scaled": "c of the scaled η = c / root-mean-square norm of the output layer's inputs"}
 
 
 def select_parameters(model, adapt: str) -> list[torch.nn.Parameter]:
@@ -79,7 +91,9 @@ def select_parameters(model, adapt: str) -> list[torch.nn.Parameter]:
 class DynamicEvaluation(ModelAdapter):
     name = "dyneval"
     Params = DynEvalParams
-    grid = {"lr": REFERENCE_LRS + LOW_LRS, "decay": REFERENCE_DECAYS}
+    grid = {"lr": [0.0] + REFERENCE_LRS + LOW_LRS, "decay": REFERENCE_DECAYS}
+    # The reference code's setting (benkrause/dynamic-evaluation, dynamiceval.py): a fixed η.
+    PRESETS = {"paper": {"lr": 5e-5, "decay": 0.002}}
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -97,12 +111,17 @@ class DynamicEvaluation(ModelAdapter):
         if p.decay < 0 or p.eps < 0:
             raise LmadaptError("dyneval decay and eps must be >= 0")
         self.stats_source = None  # rms: "computed", "cache" (file) or "memory" (this process) once started
+        # The scaled η's running statistic: Σ ‖h‖² and the count of scored positions.
+        self._sq_sum, self._count = 0.0, 0
+        self.last_lr = p.lr  # the η of the latest update (the scaled one varies along the stream)
 
     @classmethod
     def grid_for(cls, fixed: dict) -> dict:
-        """The reference's grid (with LOW_LRS after it), both axes scaled by L/5 as its --grid does."""
+        """The scaled η (0), then the reference's grid (with LOW_LRS after it), both axes scaled
+        by L/5 as its --grid does."""
         scale = float(fixed.get("segment", cls.Params().segment)) / 5.0
-        return {"lr": [v * scale for v in REFERENCE_LRS + LOW_LRS], "decay": [v * scale for v in REFERENCE_DECAYS]}
+        return {"lr": [0.0] + [v * scale for v in REFERENCE_LRS + LOW_LRS],
+                "decay": [v * scale for v in REFERENCE_DECAYS]}
 
     def start(self, ctx) -> None:
         model = ctx.model
@@ -191,8 +210,19 @@ class DynamicEvaluation(ModelAdapter):
 
     def update(self, seg: Segment, loss) -> None:
         grads = _dense(torch.autograd.grad(loss, self.adapted))
+        self.last_lr = self._lr(seg)
         with torch.no_grad():
-            apply_update(self.adapted, grads, lr=self.params.lr, keep=self.keep, anchor=self.anchor, inv=self.inv)
+            apply_update(self.adapted, grads, lr=self.last_lr, keep=self.keep, anchor=self.anchor, inv=self.inv)
+
+    def _lr(self, seg: Segment) -> float:
+        """The fixed η, or the scaled one over the positions scored so far (this segment's
+        included: they are scored before the update, so the statistic stays causal)."""
+        p = self.params
+        if p.lr > 0:
+            return p.lr
+        self._sq_sum += float(seg.hidden.float().pow(2).sum())
+        self._count += seg.hidden.size(0)
+        return p.lr_scaled / max(self._sq_sum / max(self._count, 1), 1e-12) ** 0.5
 
 
 def gradient_rms(model, params: list[torch.Tensor], train: torch.Tensor, segment: int, batch: int,
