@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--combos", default=",".join(COMBOS))
+    ap.add_argument("--variants", default="defaults,paper,tune,grid", help="which of the four rows to run")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     import torch
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
             variants["grid"] = ["--config", str(cfg)]
         for variant, extra in variants.items():
             label = f"{combo} {variant}"
-            if label in rows:
+            if label in rows or variant not in args.variants.split(","):
                 continue
             if variant == "paper" and not any("paper" in getattr(REGISTRY[n], "PRESETS", {}) for n in names):
                 # No paper preset for these methods: `--preset paper` runs the defaults again.
