@@ -113,7 +113,6 @@ class DynamicEvaluation(ModelAdapter):
         self.stats_source = None  # rms: "computed", "cache" (file) or "memory" (this process) once started
         # The scaled η's running statistic: Σ ‖h‖² and the count of scored positions.
         self._sq_sum, self._count = 0.0, 0
-        self.last_lr = p.lr  # the η of the latest update (the scaled one varies along the stream)
 
     @classmethod
     def grid_for(cls, fixed: dict) -> dict:
@@ -210,9 +209,9 @@ class DynamicEvaluation(ModelAdapter):
 
     def update(self, seg: Segment, loss) -> None:
         grads = _dense(torch.autograd.grad(loss, self.adapted))
-        self.last_lr = self._lr(seg)
+        lr = self._lr(seg)
         with torch.no_grad():
-            apply_update(self.adapted, grads, lr=self.last_lr, keep=self.keep, anchor=self.anchor, inv=self.inv)
+            apply_update(self.adapted, grads, lr=lr, keep=self.keep, anchor=self.anchor, inv=self.inv)
 
     def _lr(self, seg: Segment) -> float:
         """The fixed η, or the scaled one over the positions scored so far (this segment's
