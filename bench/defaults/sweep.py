@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", action="append", default=[], metavar="METHOD.PARAM=v1,v2",
                     help="narrow one axis of a method's grid (the preset and defaults are still run)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu", help="e.g. cuda (figures agree with the CPU's to rounding)")
+    ap.add_argument("--device", default="cpu", help="e.g. cuda (columns are stored on the CPU)")
     ap.add_argument("--columns", help="also save every pass's per-token log-probabilities here (.pt)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
