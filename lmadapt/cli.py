@@ -569,6 +569,12 @@ def cmd_harness(args) -> int:
 
     if "--include_path" not in rest:
         rest += ["--include_path", str(harness.TASK_DIR)]
+    if not any(a == "--device" or a.startswith("--device=") for a in rest):
+        # lm-eval's CLI defaults to cuda:0, which fails on a machine without CUDA; its own hf
+        # model falls back to the CPU there, and so does ours.
+        import torch
+
+        rest += ["--device", "cuda:0" if torch.cuda.is_available() else "cpu"]
     with contextlib.ExitStack() as stack:
         # Hub caches (datasets, models) go where the user said (HF_HOME / HF_DATASETS_CACHE), else
         # to --cache-dir, else to a temporary folder removed at the end: never silently into ~/.cache.

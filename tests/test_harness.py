@@ -270,6 +270,20 @@ def test_cli_runs_the_harness_and_records_the_scope(runs, tmp_path, capsys, our_
     assert not (Path.home() / ".cache" / "huggingface" / "datasets" / "lmadapt").exists()
 
 
+def test_cli_without_device_runs_where_there_is_no_cuda(runs, tmp_path, monkeypatch, our_tasks_only):
+    # lm-eval's CLI default is cuda:0; without CUDA `lmadapt harness` must fall back to the CPU
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    code = main(["harness", "--task-file", str(runs.docs), "--model", "lmadapt", "--model_args",
+                 f"run={runs.lstm},method=none", "--tasks", "lmadapt_wikitext_local_tokenized",
+                 "--output_path", str(out)])
+    assert code == 0
+    (result_file,) = out.rglob("results_*.json")
+    assert json.loads(result_file.read_text())["config"]["device"] == "cpu"
+
+
 @pytest.mark.parametrize("args, message", [
     ("method=cahce", "unknown method"),
     ("method=cache,mbpa_k=3", "mbpa is not part of method=cache"),
