@@ -445,6 +445,8 @@ def _tune_for_eval(args, model, corpus, split, method, params, device, settings)
         return params, {}, corpus
     on = result["tuned_on"]
     how = ", successive halving" if on.get("search") == "halving" else ""
+    if "mixer_tokens" in on:
+        how += f"; the budget ran out in the mixture pass: its settings and λ from the first {on['mixer_tokens']:,}"
     print(f"tuned on {tune_split}[:{on['tokens']:,}] of {on['of']:,} tokens ({on['passes']} passes{how}, "
           f"{on['seconds']:.0f} s): params {json.dumps(result['params'])}  lambdas {json.dumps(result['lambdas'])}",
           file=sys.stderr)

@@ -101,10 +101,13 @@ def halving_rungs(n_settings: int, tokens: int) -> list[tuple[int, int]]:
 def tune(model, corpus, method: str, *, split: str = "valid", params: dict | None = None,
          grid_overrides: dict | None = None, lambda_grid: list[float] | None = None, device="cpu",
          segment_len: int | None = None, max_passes: int = 200, tokens: int | None = None,
-         cache_dir=None, search: str = "grid") -> dict:
+         cache_dir=None, search: str = "grid", deadline: float | None = None) -> dict:
     """Grid search on `split` (its first `tokens` + 1 ids when given); `search` is how the
     model adapters' (dyneval's) settings are searched: every one on the whole prefix
-    ("grid") or by successive halving ("halving", see halving_rungs)."""
+    ("grid") or by successive halving ("halving", see halving_rungs). `deadline` (a
+    time.perf_counter() value): the mixer pass stops there, once MIN_TUNE_TOKENS are
+    scored, and the mixers' settings and λ are chosen on the tokens it scored (the result's
+    `mixer_tokens`; `tokens` stays what the search read)."""
     if search not in SEARCHES:
         raise LmadaptError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
     names = parse_combination(method)
@@ -164,12 +167,20 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
         _, _, chosen[name], base = ranked[0]  # the last rung ran on the whole prefix
     # Every mixer setting, side by side in one pass on top of the chosen base model.
     columns: dict[str, list[tuple[dict, tuple]]] = {name: [] for name in mixers}
+    cut = None  # tokens the mixer pass scored when the deadline stopped it
     if mixers:
         labelled = mixer_pass(mixers, plan)
-        r = run(build_methods(adapters, chosen) + [m for _, _, m in labelled])
+        # Memories fill as the pass goes, so a pass costs more per token than its price on a
+        # short probe (tune_in_budget): the deadline keeps the search inside the budget.
+        stop = None if deadline is None else (
+            lambda scored, _: scored >= MIN_TUNE_TOKENS and time.perf_counter() > deadline)
+        r = run(build_methods(adapters, chosen) + [m for _, _, m in labelled], stop=stop)
         for name, setting, m in labelled:
             columns[name].append((setting, r.components[m.column]))
-        base = r.base if adapters else base
+        base = r.base if adapters else base[:r.tokens]
+        if r.stopped:
+            cut = r.tokens
+            base_ppl = perplexity(plain.base[:cut])
     bar.close()
 
     # Joint sweep over settings and λ: only stored columns, no model. λ = 0 switches a
@@ -211,6 +222,7 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
         "lambdas": best[2],
         "split": split,
         "tokens": len(stream) - 1,
+        **({"mixer_tokens": cut} if cut is not None else {}),  # the deadline cut the mixer pass here
         "ppl": best[0],
         "backbone": model.arch,
         "base_ppl": base_ppl,
@@ -348,8 +360,9 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
                             f"{MIN_TUNE_TOKENS} {split} tokens (about {need:.1f} min needed)"}
     best = tune(model, corpus, method, split=split, params=params, grid_overrides=grids, device=device,
                 segment_len=segment_len, max_passes=max(passes, 1), tokens=tokens, cache_dir=cache_dir,
-                search=search)
+                search=search, deadline=start + 60 * minutes)
     best["tuned_on"] = {"split": split, "tokens": tokens, "of": whole, "passes": passes, "search": search,
+                        **({"mixer_tokens": best["mixer_tokens"]} if "mixer_tokens" in best else {}),
                         "minutes_budget": minutes, "seconds": round(time.perf_counter() - start, 1),
                         "one_time_seconds": round(one_time, 1)}
     return best

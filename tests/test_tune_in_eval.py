@@ -361,3 +361,29 @@ def test_one_time_costs_are_paid_before_the_budget_starts(one_thread, monkeypatc
     dyneval_module._RECENT.clear()
     assert "fallback" not in res, res
     assert res["tuned_on"]["one_time_seconds"] >= 8 and res["tuned_on"]["tokens"] >= tune_module.MIN_TUNE_TOKENS
+
+
+def test_a_deadline_cuts_the_mixer_pass_and_chooses_as_tune_on_that_prefix(one_thread):
+    """Memories fill as a pass goes, so tune_in_budget's short probe underprices a mixture
+    pass; tune's deadline stops that pass (after MIN_TUNE_TOKENS) and chooses on what it
+    scored: the same choice as a search on that prefix alone, and `tokens` still says what
+    the search read."""
+    import time
+
+    from conftest import motif_stream, tiny_lm
+
+    model = tiny_lm(seed=4)
+    corpus = _TwoSplits(motif_stream(400, seed=6), motif_stream(600, seed=8))
+    grid = {"cache": {"window": [20, 200], "theta": [0.0, 0.5]}, "mbpa": {"memory": [50, 400], "k": [4]}}
+    cut = tune_module.tune(model, corpus, "mbpa+cache", grid_overrides=grid, segment_len=16,
+                           deadline=time.perf_counter())
+    n = cut["mixer_tokens"]
+    assert cut["tokens"] == 599 and tune_module.MIN_TUNE_TOKENS <= n < tune_module.MIN_TUNE_TOKENS + 16
+    alone = tune_module.tune(model, corpus, "mbpa+cache", grid_overrides=grid, segment_len=16, tokens=n)
+    assert "mixer_tokens" not in alone
+    assert (cut["params"], cut["lambdas"]) == (alone["params"], alone["lambdas"])
+    assert cut["ppl"] == pytest.approx(alone["ppl"], rel=1e-9)
+    assert cut["base_ppl"] == pytest.approx(alone["base_ppl"], rel=1e-9)
+    late = tune_module.tune(model, corpus, "mbpa+cache", grid_overrides=grid, segment_len=16,
+                            deadline=time.perf_counter() + 3600)
+    assert "mixer_tokens" not in late and late["tokens"] == 599
