@@ -112,7 +112,7 @@ def test_normaliser_is_the_mean_of_tensor_means():
 
 def test_defaults_scale_the_rate_and_the_grid_and_preset_hold_the_reference_ones():
     p = DynEvalParams()
-    # The scaled η (lr 0) with c = 5e-5 x √22.4; the rest is the reference code's setting.
+    # The scaled η (lr 0) with c = 2.05e-4 (docs/results.md, "Choosing c"); the rest is the reference code's setting.
     assert (p.lr, p.lr_scaled, p.decay, p.eps, p.segment, p.variant, p.stat_batch, p.max_batches) == \
         (0.0, 2.05e-4, 0.002, 2e-5, 5, "rms", 100, 0)
     assert DynamicEvaluation.PRESETS["paper"] == {"lr": 5e-5, "decay": 0.002}
