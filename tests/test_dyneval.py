@@ -112,9 +112,10 @@ def test_normaliser_is_the_mean_of_tensor_means():
 
 def test_defaults_scale_the_rate_and_the_grid_and_preset_hold_the_reference_ones():
     p = DynEvalParams()
-    # The scaled η (lr 0) with c = 2.05e-4 (docs/results.md, "Choosing c"); the rest is the reference code's setting.
-    assert (p.lr, p.lr_scaled, p.decay, p.eps, p.segment, p.variant, p.stat_batch, p.max_batches) == \
-        (0.0, 2.05e-4, 0.002, 2e-5, 5, "rms", 100, 0)
+    # The scaled η (lr 0) with c = 6.6e-4, p = 0.75 (docs/results.md, "Choosing the scaled rate"); the rest is
+    # the reference code's setting.
+    assert (p.lr, p.lr_scaled, p.lr_power, p.decay, p.eps, p.segment, p.variant, p.stat_batch, p.max_batches) == \
+        (0.0, 6.6e-4, 0.75, 0.002, 2e-5, 5, "rms", 100, 0)
     assert DynamicEvaluation.PRESETS["paper"] == {"lr": 5e-5, "decay": 0.002}
     assert DynamicEvaluation.grid_for({}) == {"lr": [0.0] + REFERENCE_LRS + LOW_LRS, "decay": REFERENCE_DECAYS}
     g20 = DynamicEvaluation.grid_for({"segment": "20"})  # as from a CLI flag

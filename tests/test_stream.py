@@ -143,10 +143,10 @@ def test_dynamic_evaluation_adapts_and_leaves_the_model_alone(variant):
         assert torch.equal(v, before[k]), k
 
 
-def _dyneval_reference(model, stream, lr, adapt, segment, lr_scaled=0.0):
+def _dyneval_reference(model, stream, lr, adapt, segment, lr_scaled=0.0, lr_power=0.5):
     """Plain SGD dynamic evaluation written the obvious way: a full autograd backward of
     each segment's mean NLL, then w -= lr * grad, for the chosen parameters. lr 0: the
-    scaled rate, lr_scaled / √(mean ‖h‖² over every position scored so far)."""
+    scaled rate, lr_scaled / (mean ‖h‖² over every position scored so far) ** lr_power."""
     import torch.nn.functional as F
 
     model = copy.deepcopy(model)
@@ -161,7 +161,7 @@ def _dyneval_reference(model, stream, lr, adapt, segment, lr_scaled=0.0):
         log_p = F.log_softmax(logits[0], -1).gather(1, y.unsqueeze(1)).squeeze(1)
         grads = torch.autograd.grad(-log_p.mean(), unique, allow_unused=True)
         norms.extend(float(v) for v in hidden[0].detach().pow(2).sum(1))
-        step = lr if lr > 0 else lr_scaled / (sum(norms) / len(norms)) ** 0.5
+        step = lr if lr > 0 else lr_scaled / (sum(norms) / len(norms)) ** lr_power
         with torch.no_grad():
             for p, g in zip(unique, grads):
                 if g is not None:
@@ -195,8 +195,9 @@ def test_dyneval_in_the_stream_matches_a_plain_autograd_loop(shape, adapt):
     torch.testing.assert_close(got.base, ref, atol=1e-5, rtol=0)
 
 
-def test_dyneval_scaled_rate_matches_a_running_norm_reference():
-    """lr 0: each update's η = lr_scaled / √(mean ‖h‖² over the positions scored so far)."""
+@pytest.mark.parametrize("power", [0.5, 0.75])
+def test_dyneval_scaled_rate_matches_a_running_norm_reference(power):
+    """lr 0: each update's η = lr_scaled / (mean ‖h‖² over the positions scored so far) ** lr_power."""
     from lmadapt.model import LMConfig, LSTMLM
 
     torch.manual_seed(4)
@@ -204,11 +205,15 @@ def test_dyneval_scaled_rate_matches_a_running_norm_reference():
     with torch.no_grad():
         model.decoder.weight.mul_(6)
     stream = motif_stream(61)
-    method = DynamicEvaluation(DynEvalParams(lr=0.0, lr_scaled=0.4, decay=0.0, variant="sgd", segment=5))
+    method = DynamicEvaluation(DynEvalParams(lr=0.0, lr_scaled=0.4, lr_power=power, decay=0.0, variant="sgd",
+                                             segment=5))
     got = stream_eval(model, stream, [method], {})
-    ref = _dyneval_reference(model, stream, 0.0, "all", 5, lr_scaled=0.4)
+    ref = _dyneval_reference(model, stream, 0.0, "all", 5, lr_scaled=0.4, lr_power=power)
     plain = stream_eval(model, stream, [], {})
     assert (ref - plain.base).abs().max() > 1e-2
+    # the power matters here (mean ‖h‖² is not 1), so a rule that ignored it would fail
+    other = _dyneval_reference(model, stream, 0.0, "all", 5, lr_scaled=0.4, lr_power=1.25 - power)
+    assert (ref - other).abs().max() > 1e-3
     torch.testing.assert_close(got.base, ref, atol=1e-5, rtol=0)
 
 
