@@ -225,12 +225,14 @@ def _method_flags(parser) -> None:
 
     for name, cls in REGISTRY.items():
         group = parser.add_argument_group(f"{name} settings")
+        helps = getattr(cls.Params, "HELP", {})
         for f in dataclasses.fields(cls.Params):
             default = f.default
             # A bare boolean flag (--knn-recompute) means true; it still takes an explicit value.
             switch = {"nargs": "?", "const": "true"} if isinstance(default, bool) else {}
+            text = f"{helps[f.name]} (default {default})" if f.name in helps else f"default {default}"
             group.add_argument(f"--{name}-{f.name.replace('_', '-')}", dest=f"m__{name}__{f.name}", default=None,
-                               metavar=type(default).__name__.upper(), help=f"default {default}", **switch)
+                               metavar=type(default).__name__.upper(), help=text, **switch)
         if issubclass(cls, MixtureMethod):
             group.add_argument(f"--lambda-{name}", dest=f"lambda__{name}", type=arg(float, PROBABILITY),
                                default=None, help=f"mixture weight in [0, 1] (default {cls.default_lambda})")

@@ -131,6 +131,7 @@ def test_frequency_buckets_are_balanced_and_ordered():
     (["--method", "mbpa", "--mbpa-k", "0"], "--mbpa-k must be >= 1"),
     (["--method", "mbpa", "--mbpa-k", "abc"], "--mbpa-k expects an integer"),
     (["--method", "mbpa", "--mbpa-adapt", "both"], "mbpa adapt must be one of all, weight, bias"),
+    (["--method", "dyneval", "--dyneval-lr-power", "-1"], "--dyneval-lr-power must be >= 0, got -1"),
 ])
 def test_eval_bad_input(trained, tmp_path, capsys, args, message):
     root, _, _ = trained
@@ -139,6 +140,14 @@ def test_eval_bad_input(trained, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmadapt: error:") and len(err.splitlines()) == 1 and message in err
     assert not out.exists()
+
+
+def test_eval_help_describes_method_settings(capsys):
+    # A method's HELP text reaches `eval --help` beside its default, not only the default.
+    assert _cli("eval", "--help") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--dyneval-lr-power FLOAT p of the scaled η" in text and "(default 0.75)" in text
+    assert "--cache-theta-scaled FLOAT c of the scaled θ" in text
 
 
 def test_eval_missing_run_and_vocab_mismatch(trained, tmp_path, capsys):

@@ -80,12 +80,15 @@ class DynEvalParams:
     stat_batch: int = 100    # batch size of the gradient statistics (rms)
     max_batches: int = 0     # statistics over the first N batches of the training split (0: all of it)
 
-    RANGES: ClassVar[dict] = {"lr": NON_NEGATIVE, "lr_scaled": NON_NEGATIVE, "lr_power": NON_NEGATIVE, "decay": between(0, 1), "eps": POSITIVE,
-                              "segment": at_least(1), "stat_batch": at_least(1), "max_batches": NON_NEGATIVE}
+    RANGES: ClassVar[dict] = {"lr": NON_NEGATIVE, "lr_scaled": NON_NEGATIVE, "lr_power": NON_NEGATIVE,
+                              "decay": between(0, 1), "eps": POSITIVE, "segment": at_least(1),
+                              "stat_batch": at_least(1), "max_batches": NON_NEGATIVE}
     HELP: ClassVar[dict] = {"lr": "learning rate η; 0 scales it to the model: lr_scaled / (mean squared norm of "
                                   "the output layer's inputs so far) ** lr_power",
-                            "lr_scaled": "c of the scaled η = c / (mean squared norm of the output layer's inputs) ** p",
-                            "lr_power": "p of the scaled η = c / (mean squared norm of the output layer's inputs) ** p"}
+                            "lr_scaled": "c of the scaled η = c / (mean squared norm of the output layer's "
+                                         "inputs) ** p",
+                            "lr_power": "p of the scaled η = c / (mean squared norm of the output layer's "
+                                        "inputs) ** p"}
 
 
 def select_parameters(model, adapt: str) -> list[torch.nn.Parameter]:
