@@ -274,6 +274,8 @@ def _method_settings(args, config: dict) -> tuple[str, dict, dict]:
     for name in [*params, *lambdas]:
         if name not in REGISTRY:
             raise LmadaptError(f"--config names unknown method {name!r}; valid: {', '.join(REGISTRY)}")
+    if not preset:
+        params = {name: REGISTRY[name].settings_from_file(p) for name, p in params.items()}
     for key, value in vars(args).items():
         if value is None:
             continue

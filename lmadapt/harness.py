@@ -212,7 +212,8 @@ def _method_spec(kwargs: dict) -> tuple[str, dict, dict]:
     if method.lower() == "none":  # lm-eval's argument parser turns method=none into None
         method = BASE
     names = parse_combination(method)
-    params = {k: dict(v) for k, v in config.get("params", {}).items()}
+    params = {k: REGISTRY[k].settings_from_file(dict(v)) if k in REGISTRY else dict(v)
+              for k, v in config.get("params", {}).items()}
     lambdas = {k: float(v) for k, v in config.get("lambdas", {}).items()}
     for key in list(kwargs):
         head, _, field = key.partition("_")

@@ -65,6 +65,29 @@ def test_tune_then_eval_with_config(trained, tmp_path):
     assert rep["methods"]["mbpa+cache"]["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
 
 
+def test_a_dyneval_config_without_lr_power_runs_the_square_root_rule(trained, tmp_path):
+    # Configs written before `lr_power` existed hold `lr_scaled` alone and ran p 0.5: replayed
+    # through --config they must give their recorded figure, not today's default power.
+    root, _, _ = trained
+    common = ["--split", "valid", "--tokens", 60, "--method", "dyneval", "--dyneval-variant", "sgd",
+              "--dyneval-decay", 0]
+    flags = {}
+    for power in (0.5, 0.75):
+        out = tmp_path / f"flags-{power}.json"
+        assert _cli("eval", root / "run", *common, "--dyneval-lr-scaled", 0.5, "--dyneval-lr-power", power,
+                    "--json", out) == 0
+        flags[power] = json.loads(out.read_text())["methods"]["dyneval"]["ppl"]
+    assert abs(flags[0.5] - flags[0.75]) > 1e-3 * flags[0.5]  # the power matters on this model
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"method": "dyneval", "params": {"dyneval": {"lr": 0.0, "lr_scaled": 0.5}}}))
+    out = tmp_path / "replay.json"
+    assert _cli("eval", root / "run", *common[:4], "--dyneval-variant", "sgd", "--dyneval-decay", 0,
+                "--config", old, "--json", out) == 0
+    rep = json.loads(out.read_text())
+    assert rep["params"]["dyneval"]["lr_power"] == 0.5
+    assert rep["methods"]["dyneval"]["ppl"] == pytest.approx(flags[0.5], rel=1e-9)
+
+
 def test_tune_on_a_prefix_scores_only_that_prefix(trained, tmp_path):
     root, _, _ = trained
     best = tmp_path / "best.json"

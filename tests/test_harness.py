@@ -301,6 +301,18 @@ def test_bad_model_args_are_refused(runs, args, message):
         LmadaptLM.create_from_arg_string(f"run={runs.lstm},{args}", {"batch_size": 1, "device": "cpu"})
 
 
+def test_a_config_without_lr_power_keeps_the_square_root_rule(runs, tmp_path):
+    # as `eval --config`: a file from before `lr_power` existed ran p 0.5
+    from lmadapt.harness import LmadaptLM
+
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps({"method": "dyneval", "params": {"dyneval": {"lr": 0.0, "lr_scaled": 2e-4}}}))
+    new.write_text(json.dumps({"method": "dyneval", "params": {"dyneval": {"lr_scaled": 2e-4, "lr_power": 1.0}}}))
+    for path, power in ((old, 0.5), (new, 1.0)):
+        lm = LmadaptLM.create_from_arg_string(f"run={runs.lstm},config={path}", {"batch_size": 1, "device": "cpu"})
+        assert lm.params["dyneval"]["lr_power"] == power
+
+
 def test_bad_model_args_are_a_one_line_error_from_the_cli(runs, capsys, our_tasks_only):
     code = main(["harness", "--task-file", str(runs.docs), "--model", "lmadapt", "--model_args",
                  f"run={runs.lstm},colour=blue", "--tasks", "lmadapt_wikitext_local", "--device", "cpu"])

@@ -78,6 +78,13 @@ class Method:
     def param_names(cls) -> list[str]:
         return [f.name for f in fields(cls.Params)]
 
+    @classmethod
+    def settings_from_file(cls, params: dict) -> dict:
+        """A `--config` file's params for this method, completed the way the version that wrote
+        them ran them where a later version added a setting whose default changes the result
+        (default: as written; missing settings take today's defaults)."""
+        return params
+
     def start(self, ctx: EvalContext) -> None:
         """Called once before the stream."""
 

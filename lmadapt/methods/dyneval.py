@@ -124,6 +124,14 @@ class DynamicEvaluation(ModelAdapter):
         self._sq_sum, self._count = 0.0, 0
 
     @classmethod
+    def settings_from_file(cls, params: dict) -> dict:
+        """Files written before `lr_power` existed (their `lr_scaled` without it) ran the
+        square-root rule: give them p 0.5 so that `--config` reproduces their figures."""
+        if "lr_scaled" in params and "lr_power" not in params:
+            return {**params, "lr_power": 0.5}
+        return params
+
+    @classmethod
     def grid_for(cls, fixed: dict) -> dict:
         """The scaled η (0), then the reference's grid (with LOW_LRS after it), both axes scaled
         by L/5 as its --grid does."""
