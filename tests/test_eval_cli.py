@@ -169,7 +169,8 @@ def test_eval_help_describes_method_settings(capsys):
     # A method's HELP text reaches `eval --help` beside its default, not only the default.
     assert _cli("eval", "--help") == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--dyneval-lr-power FLOAT p of the scaled η" in text and "(default 0.75)" in text
+    assert ("--dyneval-lr-power FLOAT p of the scaled η = c / (mean squared norm of the output layer's inputs) "
+            "** p (default 0.75)") in text
     assert "--cache-theta-scaled FLOAT c of the scaled θ" in text
 
 

@@ -21,11 +21,9 @@ positions the stream has scored so far (h: the output layer's input; `lr_scaled`
 `lr_power` = p).  Why: the rms rule moves every weight by about η, so a step changes an
 output logit by about η · Σ|h_i|, which grows with ‖h‖; the same η that is best for an
 LSTM (‖h‖² ≈ 27) diverges on a GPT-2 (‖h‖² ≈ 332).  The exponent is measured, not derived:
-the best rates of the three recipe models (PTB and WikiText-2 LSTMs, a WikiText-2 GPT-2;
-about 5.5e-5, 3.2e-5 and 8e-6 at mean ‖h‖² 27, 58 and 332) fall faster than 1/‖h‖ (p 0.5,
-where no c came within 1.3 points of every model's best) and lie near (‖h‖²)^-0.75; at
-c = 6.6e-4 each of the three is within 0.05 points of its best measured rate on valid
-(bench/defaults, docs/results.md section 9).
+the best rates of the three recipe models (PTB and WikiText-2 LSTMs, a WikiText-2 GPT-2)
+fall faster with ‖h‖ than 1/‖h‖ (p 0.5) and lie near one curve (‖h‖²)^-0.75, on which
+c = 6.6e-4 (bench/defaults; the evidence in docs/results.md, "Choosing the scaled rate").
 A fixed η (`--dyneval-lr 5e-5`, or `--preset paper`) is the reference's rule exactly.
 
 Where lmadapt differs: `adapt` may restrict the update to a subset of the weights (the
