@@ -35,6 +35,7 @@ Context policy (``context=``, also recorded):
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import math
 import time
@@ -226,7 +227,9 @@ def _method_spec(kwargs: dict) -> tuple[str, dict, dict]:
         name = field if head == "lambda" else head
         if name not in names:
             raise LmadaptError(f"model_args {key} is set but {name} is not part of method={method}")
-    build_methods(names, params)  # one-line errors for bad settings before any loading
+    # one-line errors for bad settings before any loading; every setting, given or default, is
+    # what the results record (a default that changes later leaves the figure reproducible)
+    params = {m.name: dataclasses.asdict(m.params) for m in build_methods(names, params)}
     return method, params, mixture_lambdas(names, lambdas)
 
 

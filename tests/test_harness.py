@@ -5,6 +5,7 @@ resetting state. Skipped where lm-eval is not installed (the [harness] extra).""
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -266,6 +267,10 @@ def test_cli_runs_the_harness_and_records_the_scope(runs, tmp_path, capsys, our_
     results = json.loads(result_file.read_text())
     info = results["config"]["lmadapt"]
     assert (info["scope"], info["method"], info["lambdas"]) == ("stream", "cache", {"cache": 0.2})
+    # every setting the row ran with, the defaults too, so the figure stays reproducible
+    from lmadapt.methods.cache import CacheParams
+
+    assert info["params"] == {"cache": {**dataclasses.asdict(CacheParams()), "window": 100}}
     assert results["configs"]["lmadapt_wikitext_local_tokenized"]["metadata"]["form"] == "tokenized"
     assert not (Path.home() / ".cache" / "huggingface" / "datasets" / "lmadapt").exists()
 
