@@ -233,6 +233,10 @@ def _method_flags(parser) -> None:
             text = f"{helps[f.name]} (default {default})" if f.name in helps else f"default {default}"
             group.add_argument(f"--{name}-{f.name.replace('_', '-')}", dest=f"m__{name}__{f.name}", default=None,
                                metavar=type(default).__name__.upper(), help=text, **switch)
+            if default is True:  # a switch that is on by default (--cache-select) also has its off form
+                group.add_argument(f"--{name}-no-{f.name.replace('_', '-')}", dest=f"m__{name}__{f.name}",
+                                   action="store_const", const="false",
+                                   help=f"the same as --{name}-{f.name.replace('_', '-')} false")
         if issubclass(cls, MixtureMethod):
             group.add_argument(f"--lambda-{name}", dest=f"lambda__{name}", type=arg(float, PROBABILITY),
                                default=None, help=f"mixture weight in [0, 1] (default {cls.default_lambda})")

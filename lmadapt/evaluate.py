@@ -132,6 +132,9 @@ def evaluate_run(model, corpus, split: str, method: str, params: dict[str, dict]
         entry["delta_vs_base_percent"] = 100 * (entry["ppl"] / report["methods"][BASE]["ppl"] - 1)
         entry["params"] = {m.name: dataclasses.asdict(m.params) for m in methods}
         entry["lambdas"] = lam
+        summaries = {m.name: s for m in methods if (s := m.summary())}
+        if summaries:  # e.g. the window and θ the cache's online selection settled on
+            entry["summary"] = summaries
         report["methods"][combo] = entry
         tokens["pass"] = combo
         tokens["methods"][combo] = result.mixed
@@ -182,6 +185,10 @@ def format_table(report: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.append(f"{report['split']}: {report['tokens']:,} tokens scored; peak RSS {report['peak_rss_mb']:.0f} MB")
+    for e in report["methods"].values():
+        for method, summary in e.get("summary", {}).items():
+            if "text" in summary:
+                lines.append(f"{method}: {summary['text']}")
     if "oov_rate" in report:
         lines.append(f"out-of-vocabulary words: {100 * report['oov_rate']:.2f}% (scored as <unk>)")
     return "\n".join(lines)

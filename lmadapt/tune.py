@@ -70,9 +70,17 @@ def _settings(name: str, fixed: dict, grid_override: dict) -> list[dict]:
     grid = {**cls.grid_for(fixed), **grid_override}
     grid = {k: v for k, v in grid.items() if k not in fixed or k in grid_override}
     keys = sorted(grid)
+    combos = [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    # An axis tried at its default only in the default setting (Method.DEFAULT_POINT_AXES)
+    point = [k for k in cls.DEFAULT_POINT_AXES if k in grid and k not in grid_override and k not in fixed]
+    if point:
+        defaults = cls.Params()
+        combos.append({k: getattr(defaults, k) for k in keys})
     out = []
-    for combo in itertools.product(*(grid[k] for k in keys)):
-        setting = {**fixed, **dict(zip(keys, combo))}
+    for combo in combos:
+        setting = {**fixed, **combo}
+        if setting in out:
+            continue
         try:
             build_methods([name], {name: setting})
         except LmadaptError:
@@ -290,8 +298,9 @@ def grid_with_defaults(names: list[str], params: dict) -> dict[str, dict[str, li
     for name in names:
         cls = REGISTRY[name]
         base = build_methods([name], {name: params.get(name, {})})[0].params
+        # (an axis of DEFAULT_POINT_AXES keeps its default in the default setting: _settings)
         out[name] = {k: sorted({*values, getattr(base, k)}, key=str) for k, values in cls.grid_for(params.get(name, {})).items()
-                     if k not in params.get(name, {})}
+                     if k not in params.get(name, {}) and k not in cls.DEFAULT_POINT_AXES}
     return out
 
 

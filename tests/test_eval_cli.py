@@ -191,3 +191,25 @@ def test_eval_warns_when_dyneval_makes_the_model_worse(trained, tmp_path, capsys
     assert _cli("eval", run, "--split", "test", "--method", "dyneval", "--dyneval-lr", lr, "--dyneval-variant",
                 "sgd", "--tokens", 150, "--threads", 1) == 0
     assert ("made perplexity worse than the base model" in capsys.readouterr().err) == warned
+
+
+def test_cache_selects_online_by_default_and_old_configs_run_one_cache(trained, tmp_path, capsys):
+    root, _, _ = trained
+    common = ("eval", root / "run", "--split", "test", "--method", "cache", "--cache-window", 40)
+    assert _cli(*common, "--json", tmp_path / "online.json") == 0
+    assert "cache: selected window " in capsys.readouterr().out
+    online = json.loads((tmp_path / "online.json").read_text())["methods"]["cache"]
+    assert online["params"]["cache"]["select"] is True
+    picks = online["summary"]["cache"]["selected"]
+    assert len(picks) == 3 and picks[0]["window"] in (4, 8, 16, 40) and 0 < picks[0]["weight"] <= 1
+    assert _cli(*common, "--cache-no-select", "--json", tmp_path / "single.json") == 0
+    single = json.loads((tmp_path / "single.json").read_text())["methods"]["cache"]
+    assert single["params"]["cache"]["select"] is False and "summary" not in single
+    assert single["ppl"] != pytest.approx(online["ppl"], rel=1e-6)
+    # A --config written before `select` existed names no `select`: it ran one cache of its window.
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"method": "cache", "params": {"cache": {"window": 40, "theta": 0.0, "theta_scaled": 6.7}},
+                               "lambdas": {"cache": 0.2}}))
+    assert _cli("eval", root / "run", "--split", "test", "--config", old, "--json", tmp_path / "old-out.json") == 0
+    replay = json.loads((tmp_path / "old-out.json").read_text())["methods"]["cache"]
+    assert replay["ppl"] == pytest.approx(single["ppl"], rel=1e-9) and replay["params"]["cache"]["select"] is False

@@ -48,7 +48,7 @@ def _hidden_and_logits(model, stream):
 def test_cache_matches_per_token_reference_and_starts_empty(theta):
     model, stream = tiny_lm(), motif_stream(120)
     window, c = 15, 2.5
-    params = CacheParams(window=window, theta=theta, theta_scaled=c)
+    params = CacheParams(window=window, theta=theta, theta_scaled=c, select=False)
     r = stream_eval(model, stream, [NeuralCache(params)], {"cache": 0.3}, segment_len=32)
     hidden, _ = _hidden_and_logits(model, stream)
     targets = stream[1:]
@@ -64,6 +64,39 @@ def test_cache_matches_per_token_reference_and_starts_empty(theta):
         p = attn[targets[lo:t] == targets[t]].sum()
         expected = torch.log(p) if p > 0 else torch.tensor(float("-inf"))
         assert torch.allclose(log_p[t], expected, atol=1e-5) or (p == 0 and log_p[t] == float("-inf")), t
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.6])  # online over windows and c's, and over windows at a fixed θ
+def test_online_cache_is_the_bayesian_average_of_single_caches(theta):
+    """Per token, the selecting cache's p(target) is Σ_k w_k p_k(target) over single caches k, with
+    w_k ∝ Π_{s<t} ((1−λ) p_model(y_s) + λ p_k(y_s)), written here as a plain loop over tokens."""
+    model, stream = tiny_lm(), motif_stream(300)
+    params = CacheParams(window=60, theta=theta, theta_scaled=2.0)
+    online = NeuralCache(params)
+    experts = online.experts()
+    assert len(experts) == (4 if theta else 16) and {w for w, _ in experts} == {6, 12, 24, 60}
+    singles = []
+    for i, (window, th) in enumerate(experts):
+        m = NeuralCache(CacheParams(window=window, theta=theta, theta_scaled=th if not theta else 1.0, select=False))
+        m.column = f"cache#{i}"
+        singles.append(m)
+    r = stream_eval(model, stream, [online, *singles], {}, segment_len=23)
+    cols = torch.stack([r.components[m.column][0] for m in singles], 1).double()
+    lam = NeuralCache.default_lambda
+    base = r.base.double()
+    log_p, available = r.components["cache"]
+    evidence = torch.zeros(len(experts), dtype=torch.float64)
+    for t in range(r.tokens):
+        if not available[t]:
+            continue
+        w = torch.softmax(evidence, 0)
+        expected = torch.log((w * cols[t].exp()).sum())
+        torch.testing.assert_close(log_p[t].double(), expected, atol=1e-4, rtol=0)
+        evidence += torch.log((1 - lam) * base[t].exp() + lam * cols[t].exp())
+    # After a stream that repeats motifs the weight has moved off the uniform prior.
+    assert max(online.weights().values()) > 2 / len(experts)
+    torch.testing.assert_close(torch.tensor(list(online.weights().values()), dtype=torch.float64),
+                               torch.softmax(evidence, 0), atol=1e-6, rtol=0)
 
 
 def test_mbpa_in_the_stream_matches_the_naive_reference():

@@ -387,3 +387,20 @@ def test_a_deadline_cuts_the_mixer_pass_and_chooses_as_tune_on_that_prefix(one_t
     late = tune_module.tune(model, corpus, "mbpa+cache", grid_overrides=grid, segment_len=16,
                             deadline=time.perf_counter() + 3600)
     assert "mixer_tokens" not in late and late["tokens"] == 599
+
+
+def test_cache_grid_is_single_caches_plus_the_selecting_default():
+    # The selection is tried once, as the default setting; crossed with every window and θ it
+    # would run 15 searches over the grid inside the grid.
+    from lmadapt.methods.cache import CacheParams
+    from lmadapt.tune import _settings, grid_with_defaults
+
+    plan = _settings("cache", {}, grid_with_defaults(["cache"], {})["cache"])
+    selecting = [s for s in plan if s["select"]]
+    assert len(plan) == 16 and selecting == [{"select": True, "theta": 0.0, "window": CacheParams().window}]
+    assert {(s["window"], s["theta"]) for s in plan if not s["select"]} == \
+        {(w, t) for w in (500, 1000, 5000) for t in (0.0, 0.1, 0.3, 0.5, 1.0)}
+    # A given window holds in every setting, the selecting one included.
+    assert {s["window"] for s in _settings("cache", {"window": 300}, {})} == {300}
+    # An explicit --grid over `select` is crossed like any axis.
+    assert len(_settings("cache", {}, {"select": [True, False], "window": [50], "theta": [0.0]})) == 2

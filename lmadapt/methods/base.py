@@ -65,6 +65,9 @@ class Method:
     # Named settings (`--preset NAME`): params, plus "lambda" for a mixture method. "paper"
     # is the setting of the method's source paper or reference code.
     PRESETS: ClassVar[dict[str, dict]] = {}
+    # Grid axes whose default value `tune` tries only in the default setting, not crossed with
+    # the other axes (the cache's `select`, itself a search over windows and θs).
+    DEFAULT_POINT_AXES: ClassVar[frozenset] = frozenset()
 
     def __init__(self, params=None):
         self.params = params if params is not None else self.Params()
@@ -87,6 +90,11 @@ class Method:
 
     def start(self, ctx: EvalContext) -> None:
         """Called once before the stream."""
+
+    def summary(self) -> dict:
+        """What the method settled on over the stream, for the report (after it; {}: nothing);
+        its "text", if any, is printed under the table."""
+        return {}
 
 
 class MixtureMethod(Method):
