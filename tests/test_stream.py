@@ -67,32 +67,33 @@ def test_cache_matches_per_token_reference_and_starts_empty(theta):
 
 
 @pytest.mark.parametrize("theta", [0.0, 0.6])  # online over windows and c's, and over windows at a fixed θ
-def test_online_cache_is_the_bayesian_average_of_single_caches(theta):
-    """Per token, the selecting cache's p(target) is Σ_k w_k p_k(target) over single caches k, with
-    w_k ∝ Π_{s<t} ((1−λ) p_model(y_s) + λ p_k(y_s)), written here as a plain loop over tokens."""
+def test_online_cache_is_the_bayesian_average_of_its_experts(theta):
+    """Per token, the selecting cache's p(target) is Σ_k w_k p_k(target) over its experts k (window
+    w_k, θ_t·m_k with θ_t = c / mean ‖h_i‖² over the last N keys, or the fixed θ), with
+    w_k ∝ Π_{s<t} ((1−λ) p_model(y_s) + λ p_k(y_s)): written here as a plain loop over tokens."""
     model, stream = tiny_lm(), motif_stream(300)
-    params = CacheParams(window=60, theta=theta, theta_scaled=2.0)
-    online = NeuralCache(params)
+    N, c = 60, 2.0
+    online = NeuralCache(CacheParams(window=N, theta=theta, theta_scaled=c))
     experts = online.experts()
     assert len(experts) == (4 if theta else 16) and {w for w, _ in experts} == {6, 12, 24, 60}
-    singles = []
-    for i, (window, th) in enumerate(experts):
-        m = NeuralCache(CacheParams(window=window, theta=theta, theta_scaled=th if not theta else 1.0, select=False))
-        m.column = f"cache#{i}"
-        singles.append(m)
-    r = stream_eval(model, stream, [online, *singles], {}, segment_len=23)
-    cols = torch.stack([r.components[m.column][0] for m in singles], 1).double()
+    r = stream_eval(model, stream, [online], {"cache": 0.2}, segment_len=23)
+    hidden, _ = _hidden_and_logits(model, stream)
+    hidden, targets, base = hidden.double(), stream[1:], r.base.double()
     lam = NeuralCache.default_lambda
-    base = r.base.double()
     log_p, available = r.components["cache"]
+    assert not available[0] and available[1:].all()
     evidence = torch.zeros(len(experts), dtype=torch.float64)
-    for t in range(r.tokens):
-        if not available[t]:
-            continue
-        w = torch.softmax(evidence, 0)
-        expected = torch.log((w * cols[t].exp()).sum())
+    for t in range(1, r.tokens):
+        th = theta if theta else c / hidden[max(0, t - N):t].pow(2).sum(1).mean()
+        p = []
+        for window, x in experts:
+            lo = max(0, t - window)
+            attn = torch.softmax((th if theta else th * x / c) * hidden[lo:t] @ hidden[t], 0)
+            p.append(attn[targets[lo:t] == targets[t]].sum())
+        p = torch.stack(p)
+        expected = torch.log((torch.softmax(evidence, 0) * p).sum())
         torch.testing.assert_close(log_p[t].double(), expected, atol=1e-4, rtol=0)
-        evidence += torch.log((1 - lam) * base[t].exp() + lam * cols[t].exp())
+        evidence += torch.log((1 - lam) * base[t].exp() + lam * p)
     # After a stream that repeats motifs the weight has moved off the uniform prior.
     assert max(online.weights().values()) > 2 / len(experts)
     torch.testing.assert_close(torch.tensor(list(online.weights().values()), dtype=torch.float64),

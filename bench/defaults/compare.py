@@ -132,7 +132,8 @@ def main(argv=None) -> int:
             rows[label] = {"combo": combo, "variant": variant, "ppl": e["ppl"],
                            "delta_percent": e["delta_vs_base_percent"], "wall_seconds": r["wall_seconds"],
                            "params": r["report"].get("params"), "lambdas": r["report"].get("lambdas"),
-                           "settings": r["report"].get("settings")}
+                           "settings": r["report"].get("settings"),
+                           **({"summary": e["summary"]} if "summary" in e else {})}
             print(f"{args.name} {label}: {e['ppl']:.2f} ({e['delta_vs_base_percent']:+.2f}%) "
                   f"{r['wall_seconds']:.0f} s", flush=True)
             save()

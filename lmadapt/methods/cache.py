@@ -160,38 +160,67 @@ class NeuralCache(MixtureMethod):
         return log_p, available
 
     def _select(self, hidden, rows, targets, base):
-        """The Bayesian average of the experts for a block of rows (in stream order)."""
-        mem = self.memory
-        first = rows.min()
-        near = (mem.positions >= first - self.params.window) & (mem.positions < rows.max())
+        """The Bayesian average of the experts for a block of rows (in stream order).
+
+        Every expert's θ is a multiple of one θ_t (the fixed θ, or c / mean ‖h_i‖² over the
+        row's longest window), so one exponential per key serves all of them: with
+        E = exp(θ_t h_t·h_i − max), the expert at multiple m reads E^m (multiples 1, 2, 4, 8:
+        repeated squaring), and a window's sums are prefix sums over the keys sorted nearest
+        first. float64: a short window's sum must not underflow beside a long window's max."""
+        mem, N = self.memory, self.params.window
+        first, last = rows.min(), rows.max()
+        near = (mem.positions >= first - N) & (mem.positions < last)
         slots = near.nonzero().squeeze(1)
         if slots.numel() == 0:  # nothing stored before these rows yet: no expert has a say
             return torch.zeros_like(base), torch.zeros_like(rows, dtype=torch.bool)
         slots = slots[mem.positions[slots].argsort(descending=True)]  # nearest first: a window is a prefix
         keys, values, positions = mem.keys[slots], mem.values[slots], mem.positions[slots]
-        dots = hidden @ keys.T
-        ago = rows.unsqueeze(1) - positions.unsqueeze(0)        # 1: the previous position
-        hits = values.unsqueeze(0) == targets.unsqueeze(1)
-        sq_norms = keys.to(dots.dtype).pow(2).sum(1)
-        available = (ago >= 1).any(1)  # the previous position is in every expert's window
-        columns, experts = [], self.experts()
-        for window in sorted({w for w, _ in experts}):
-            m = int((positions >= first - window).sum())       # the entries any row's window reaches
-            visible = (ago[:, :m] >= 1) & (ago[:, :m] <= window)
-            d, h = dots[:, :m], hits[:, :m] & visible
-            if self.params.theta <= 0:
-                seen = visible.to(dots.dtype)
-                mean_sq = (seen @ sq_norms[:m]) / seen.sum(1).clamp(min=1)
-                inv = (1.0 / mean_sq.clamp(min=1e-12)).unsqueeze(1)
-            for w, theta in experts:
-                if w != window:
-                    continue
-                scores = (d * (theta * inv if self.params.theta <= 0 else theta)).masked_fill(~visible, float("-inf"))
-                top = scores.amax(1, keepdim=True)
-                e = torch.exp(scores - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
-                log_p = torch.log((e * h).sum(1)) - torch.log(e.sum(1))
-                columns.append(torch.where(available, log_p, torch.zeros_like(log_p)))
-        log_p = torch.stack(columns, 1).double()                   # (rows, experts)
+        M = positions.numel()
+        # Keys a row may not see sit in two thin slabs (element-wise work with a boolean mask
+        # over the whole block is several times slower than an exponential): its own and later
+        # positions at the head, positions beyond its window N at the tail.
+        head = int((positions >= first).sum())
+        tail = int((positions < last - N).sum())
+        ascending = positions.flip(0).contiguous()
+        windows = sorted({w for w, _ in self.experts()})
+        starts = rows.unsqueeze(1) - torch.tensor(windows, device=rows.device).unsqueeze(0)   # (rows, windows)
+        ends = M - torch.searchsorted(ascending, starts.contiguous())   # prefix length of each window
+        begin = M - torch.searchsorted(ascending, rows.unsqueeze(1).contiguous())  # keys at positions >= row
+        available = begin.squeeze(1) < ends[:, -1]   # a key in the longest window (then in every window)
+        scores = (hidden @ keys.T).double()
+        if self.params.theta > 0:
+            scores.mul_(self.params.theta)
+        else:  # c / mean ‖h_i‖² over the row's longest window: prefix sums of the sorted squared norms
+            sq = torch.cat([torch.zeros(1, dtype=torch.float64, device=rows.device),
+                            keys.pow(2).sum(1).double().cumsum(0)])
+            count = (ends[:, -1:] - begin).clamp(min=1)
+            mean_sq = (sq[ends[:, -1:]] - sq[begin]) / count
+            scores.mul_(self.params.theta_scaled / mean_sq.clamp(min=1e-12))
+        ago = rows.unsqueeze(1) - positions.unsqueeze(0)
+        if head:
+            scores[:, :head].masked_fill_(ago[:, :head] < 1, float("-inf"))
+        if tail:
+            scores[:, M - tail:].masked_fill_(ago[:, M - tail:] > N, float("-inf"))
+        top = scores.amax(1, keepdim=True)
+        scores.sub_(torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+        e = scores.exp_()   # 0 where not visible
+        # The target's keys are few: the numerators gather them instead of a masked sum over all.
+        hit_rows, hit_cols = (values.unsqueeze(0) == targets.unsqueeze(1)).nonzero(as_tuple=True)
+        inside = (hit_cols.unsqueeze(1) < ends[hit_rows]).double()           # (hits, windows)
+        multiples = [1.0] if self.params.theta > 0 else list(THETA_MULTIPLES)
+        last_col = (ends - 1).clamp(min=0)
+        columns = {}
+        power = e
+        for i, m in enumerate(multiples):
+            if i:
+                power = power * power if m == 2 * multiples[i - 1] else e.pow(m)
+            den = power.cumsum(1).gather(1, last_col)                      # (rows, windows)
+            num = torch.zeros_like(den).index_add_(0, hit_rows, power[hit_rows, hit_cols].unsqueeze(1) * inside)
+            for j, w in enumerate(windows):
+                columns[(w, m)] = torch.log(num[:, j]) - torch.log(den[:, j])
+        order = [(w, m) for w in windows for m in multiples]
+        log_p = torch.stack([columns[k] for k in order], 1)          # (rows, experts), experts() order
+        log_p = torch.where(available.unsqueeze(1), log_p, torch.zeros_like(log_p))
         lam = self.default_lambda
         scored = torch.logaddexp(math.log1p(-lam) + base.double().unsqueeze(1), math.log(lam) + log_p)
         scored = torch.where(available.unsqueeze(1), scored, torch.zeros_like(scored))
@@ -199,4 +228,4 @@ class NeuralCache(MixtureMethod):
         before = self.evidence + scored.cumsum(0) - scored
         self.evidence = self.evidence + scored.sum(0)
         out = torch.logsumexp(torch.log_softmax(before, 1) + log_p, 1)
-        return out.to(dots.dtype), available
+        return out.to(hidden.dtype), available
