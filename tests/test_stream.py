@@ -75,7 +75,7 @@ def test_online_cache_is_the_bayesian_average_of_its_experts(theta):
     N, c = 60, 2.0
     online = NeuralCache(CacheParams(window=N, theta=theta, theta_scaled=c))
     experts = online.experts()
-    assert len(experts) == (4 if theta else 16) and {w for w, _ in experts} == {6, 12, 24, 60}
+    assert len(experts) == (4 if theta else 28) and {w for w, _ in experts} == {6, 12, 24, 60}
     r = stream_eval(model, stream, [online], {"cache": 0.2}, segment_len=23)
     hidden, _ = _hidden_and_logits(model, stream)
     hidden, targets, base = hidden.double(), stream[1:], r.base.double()

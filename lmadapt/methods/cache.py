@@ -17,7 +17,7 @@ By default (`select`) the window and the scaled θ's c are chosen per position f
 stream itself, because no one fixed pair serves every model: the PTB recipe LSTM's best
 window is 500 and it loses 5 points of gain at 5000, while the WikiText-2 recipe GPT-2's
 best is 5000 with a θ five times the scaled one (bench/defaults). The cache holds one
-expert per window in N·(0.1, 0.2, 0.4, 1) and c in c·(1, 2, 4, 8) (or the fixed θ), and
+expert per window in N·(0.1, 0.2, 0.4, 1) and c in c·(1, 1.5, 2, 3, 4, 6, 8) (or the fixed θ), and
 gives their Bayesian average: expert k's weight at position t is proportional to
 Π_{s<t} ((1−λ) p_model(y_s) + λ p_k(y_s)), how well it would have scored the tokens
 already scored, mixed with the model at the cache's default λ. Only past targets enter the
@@ -43,7 +43,7 @@ from lmadapt.params import NON_NEGATIVE, POSITIVE, at_least
 _ROWS = 128  # segment rows per attention block
 # Online selection's experts: windows as fractions of N, and multiples of the scaled θ's c.
 WINDOW_FRACTIONS = (0.1, 0.2, 0.4, 1.0)
-THETA_MULTIPLES = (1.0, 2.0, 4.0, 8.0)
+THETA_MULTIPLES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 
 
 @dataclass
@@ -57,7 +57,7 @@ class CacheParams:
     HELP: ClassVar[dict] = {"theta": "fixed inverse temperature θ; 0 scales it to the keys' norms",
                             "theta_scaled": "c of the scaled θ = c / mean squared key norm in the window",
                             "select": "choose the window (among N/10, N/5, N/2.5, N) and the scaled θ's c "
-                                      "(among c, 2c, 4c, 8c) per position by Bayesian averaging over the "
+                                      "(among c·{1, 1.5, 2, 3, 4, 6, 8}) per position by Bayesian averaging over the "
                                       "stream scored so far; false: one cache of window N"}
 
 
@@ -164,8 +164,8 @@ class NeuralCache(MixtureMethod):
 
         Every expert's θ is a multiple of one θ_t (the fixed θ, or c / mean ‖h_i‖² over the
         row's longest window), so one exponential per key serves all of them: with
-        E = exp(θ_t h_t·h_i − max), the expert at multiple m reads E^m (multiples 1, 2, 4, 8:
-        repeated squaring), and a window's sums are prefix sums over the keys sorted nearest
+        E = exp(θ_t h_t·h_i − max), the expert at multiple m reads E^m (squares and
+        products of powers already taken), and a window's sums are prefix sums over the keys sorted nearest
         first. float64: a short window's sum must not underflow beside a long window's max."""
         mem, N = self.memory, self.params.window
         first, last = rows.min(), rows.max()
@@ -210,12 +210,25 @@ class NeuralCache(MixtureMethod):
         multiples = [1.0] if self.params.theta > 0 else list(THETA_MULTIPLES)
         last_col = (ends - 1).clamp(min=0)
         columns = {}
-        power = e
-        for i, m in enumerate(multiples):
-            if i:
-                power = power * power if m == 2 * multiples[i - 1] else e.pow(m)
-            den = power.cumsum(1).gather(1, last_col)                      # (rows, windows)
-            num = torch.zeros_like(den).index_add_(0, hit_rows, power[hit_rows, hit_cols].unsqueeze(1) * inside)
+        powers = {1.0: e}
+
+        def power(m: float):
+            """E^m from powers already taken (squares and products are far cheaper than pow)."""
+            if m not in powers:
+                if m / 2 in powers:
+                    powers[m] = powers[m / 2] * powers[m / 2]
+                elif m - 1 in powers:
+                    powers[m] = powers[m - 1] * e
+                elif m == 1.5:
+                    powers[m] = e * e.sqrt()
+                else:
+                    powers[m] = e.pow(m)
+            return powers[m]
+
+        for m in sorted(multiples):
+            p = power(m)
+            den = p.cumsum(1).gather(1, last_col)                          # (rows, windows)
+            num = torch.zeros_like(den).index_add_(0, hit_rows, p[hit_rows, hit_cols].unsqueeze(1) * inside)
             for j, w in enumerate(windows):
                 columns[(w, m)] = torch.log(num[:, j]) - torch.log(den[:, j])
         order = [(w, m) for w in windows for m in multiples]
