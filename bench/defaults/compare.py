@@ -109,6 +109,10 @@ def main(argv=None) -> int:
         variants = {"defaults": [], "paper": ["--preset", "paper"], "tune": ["--tune"]}
         if len(names) == 1:
             params, lambdas = own_best(sweep, combo)
+            key = ",".join(f"{k}={params[combo][k]}" for k in sorted(params[combo]))
+            report.setdefault("grid_valid", {})[combo] = {
+                "key": key, "lambdas": lambdas, "ppl": sweep["methods"][combo][key]["ppl"],
+                "delta_percent": sweep["methods"][combo][key]["delta_percent"]}
         elif columns is not None:
             params, lambdas, valid_ppl = joint_best(sweep, columns, names)
             report.setdefault("joint_valid_ppl", {})[combo] = valid_ppl
@@ -137,6 +141,7 @@ def main(argv=None) -> int:
             print(f"{args.name} {label}: {e['ppl']:.2f} ({e['delta_vs_base_percent']:+.2f}%) "
                   f"{r['wall_seconds']:.0f} s", flush=True)
             save()
+    save()
     return 0
 
 
