@@ -71,11 +71,13 @@ def _settings(name: str, fixed: dict, grid_override: dict) -> list[dict]:
     grid = {k: v for k, v in grid.items() if k not in fixed or k in grid_override}
     keys = sorted(grid)
     combos = [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
-    # An axis tried at its default only in the default setting (Method.DEFAULT_POINT_AXES)
+    # An axis tried at its default only in the default setting (Method.DEFAULT_POINT_AXES),
+    # and only where that setting lies inside a grid the caller narrowed (--grid cache.window=500
+    # asks for no window-5000 setting).
     point = [k for k in cls.DEFAULT_POINT_AXES if k in grid and k not in grid_override and k not in fixed]
-    if point:
-        defaults = cls.Params()
-        combos.append({k: getattr(defaults, k) for k in keys})
+    defaults = {k: getattr(cls.Params(), k) for k in keys}
+    if point and all(defaults[k] in grid_override[k] for k in keys if k in grid_override):
+        combos.append(defaults)
     out = []
     for combo in combos:
         setting = {**fixed, **combo}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -66,8 +67,8 @@ def test_cache_matches_per_token_reference_and_starts_empty(theta):
         assert torch.allclose(log_p[t], expected, atol=1e-5) or (p == 0 and log_p[t] == float("-inf")), t
 
 
-@pytest.mark.parametrize("theta", [0.0, 0.6])  # online over windows and c's, and over windows at a fixed θ
-def test_online_cache_is_the_bayesian_average_of_its_experts(theta):
+@pytest.mark.parametrize("theta,segment", [(0.0, 23), (0.6, 23), (0.0, 300)])  # fixed θ; rows in several blocks
+def test_online_cache_is_the_bayesian_average_of_its_experts(theta, segment):
     """Per token, the selecting cache's p(target) is Σ_k w_k p_k(target) over its experts k (window
     w_k, θ_t·m_k with θ_t = c / mean ‖h_i‖² over the last N keys, or the fixed θ), with
     w_k ∝ Π_{s<t} ((1−λ) p_model(y_s) + λ p_k(y_s)): written here as a plain loop over tokens."""
@@ -76,7 +77,7 @@ def test_online_cache_is_the_bayesian_average_of_its_experts(theta):
     online = NeuralCache(CacheParams(window=N, theta=theta, theta_scaled=c))
     experts = online.experts()
     assert len(experts) == (4 if theta else 28) and {w for w, _ in experts} == {6, 12, 24, 60}
-    r = stream_eval(model, stream, [online], {"cache": 0.2}, segment_len=23)
+    r = stream_eval(model, stream, [online], {"cache": 0.2}, segment_len=segment)
     hidden, _ = _hidden_and_logits(model, stream)
     hidden, targets, base = hidden.double(), stream[1:], r.base.double()
     lam = NeuralCache.default_lambda
@@ -280,3 +281,34 @@ def test_mbpa_scaled_alpha_refuses_what_it_cannot_do_exactly(bad, message):
     with pytest.raises(LmadaptError, match=message):
         MbPA(MbPAParams(memory=30, k=6, alpha=0.0, **bad))
     MbPA(MbPAParams(memory=30, k=6, alpha=0.5, **bad))  # a fixed alpha takes them
+
+
+def test_online_cache_survives_a_short_window_far_below_the_longest_windows_maximum():
+    """A key far back that matches the query much better than every recent key: the short windows'
+    exponentials, taken against the longest window's maximum, underflow even in float64. Their
+    p(target) must still be their own softmax, not NaN (which would poison every later weight)."""
+    from lmadapt.memory import EpisodicMemory
+    from lmadapt.methods.base import EvalContext
+
+    d, n = 4, 40
+    keys = torch.zeros(n, d)
+    keys[0] = torch.tensor([50.0, 0, 0, 0])          # far back, aligned with the query
+    keys[1:] = torch.tensor([-50.0, 1.0, 0, 0])      # recent, anti-aligned
+    values = torch.arange(n) % 3
+    mem = EpisodicMemory(64, d)
+    mem.add(keys, values, torch.arange(n))
+    cache = NeuralCache(CacheParams(window=40, theta=5.0))
+    cache.start(EvalContext(model=None, corpus=None, memory=mem, device=torch.device("cpu"), segment_len=1))
+    query = torch.tensor([[50.0, 0, 0, 0]])
+    target = torch.tensor([values[n - 1].item()])
+    base = torch.tensor([-3.0])
+    log_p, available = cache._select(query, torch.tensor([n]), target, base)
+    assert bool(available[0]) and torch.isfinite(log_p).all() and torch.isfinite(cache.evidence).all()
+    # window 4 (positions 36..39), fixed θ 5: its own softmax over four equal keys
+    recent = values[n - 4:]
+    expected = torch.log((recent == target).double().mean())
+    w = [win for win, _ in cache.experts()].index(4)
+    lam = NeuralCache.default_lambda
+    scored = torch.logaddexp(torch.tensor(math.log1p(-lam) - 3.0, dtype=torch.float64),
+                             torch.log(torch.tensor(lam, dtype=torch.float64)) + expected)
+    torch.testing.assert_close(cache.evidence[w], scored)

@@ -402,5 +402,9 @@ def test_cache_grid_is_single_caches_plus_the_selecting_default():
         {(w, t) for w in (500, 1000, 5000) for t in (0.0, 0.1, 0.3, 0.5, 1.0)}
     # A given window holds in every setting, the selecting one included.
     assert {s["window"] for s in _settings("cache", {"window": 300}, {})} == {300}
+    # A --grid that leaves the default out leaves the selecting setting out too.
+    assert not any(s["select"] for s in _settings("cache", {}, {"window": [500]}))
+    assert not any(s["select"] for s in _settings("cache", {}, {"theta": [0.3]}))
+    assert sum(s["select"] for s in _settings("cache", {}, {"window": [500, 5000]})) == 1
     # An explicit --grid over `select` is crossed like any axis.
     assert len(_settings("cache", {}, {"select": [True, False], "window": [50], "theta": [0.0]})) == 2

@@ -46,6 +46,11 @@ WINDOW_FRACTIONS = (0.1, 0.2, 0.4, 1.0)
 THETA_MULTIPLES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 
 
+def _wide(device: torch.device) -> torch.dtype:
+    """The selection's working precision: float64 (MPS has none: float32 there)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 @dataclass
 class CacheParams:
     window: int = 5000         # N: how many past positions the cache attends over (select: the longest window)
@@ -99,7 +104,7 @@ class NeuralCache(MixtureMethod):
         self.memory = ctx.memory
         # Each expert's log-likelihood of the scored stream, mixed at default_lambda: its log
         # posterior weight (up to the uniform prior). float64: it sums over the whole stream.
-        self.evidence = torch.zeros(len(self.experts()), dtype=torch.float64, device=ctx.device)
+        self.evidence = torch.zeros(len(self.experts()), dtype=_wide(torch.device(ctx.device)), device=ctx.device)
 
     def weights(self) -> dict[tuple[int, float], float]:
         """The experts' posterior weights after the tokens scored so far."""
@@ -187,15 +192,16 @@ class NeuralCache(MixtureMethod):
         ends = M - torch.searchsorted(ascending, starts.contiguous())   # prefix length of each window
         begin = M - torch.searchsorted(ascending, rows.unsqueeze(1).contiguous())  # keys at positions >= row
         available = begin.squeeze(1) < ends[:, -1]   # a key in the longest window (then in every window)
-        scores = (hidden @ keys.T).double()
+        dt = _wide(rows.device)
+        scores = (hidden @ keys.T).to(dt)
         if self.params.theta > 0:
-            scores.mul_(self.params.theta)
+            theta = torch.full_like(scores[:, :1], self.params.theta)
         else:  # c / mean ‖h_i‖² over the row's longest window: prefix sums of the sorted squared norms
-            sq = torch.cat([torch.zeros(1, dtype=torch.float64, device=rows.device),
-                            keys.pow(2).sum(1).double().cumsum(0)])
+            sq = torch.cat([torch.zeros(1, dtype=dt, device=rows.device), keys.pow(2).sum(1).to(dt).cumsum(0)])
             count = (ends[:, -1:] - begin).clamp(min=1)
             mean_sq = (sq[ends[:, -1:]] - sq[begin]) / count
-            scores.mul_(self.params.theta_scaled / mean_sq.clamp(min=1e-12))
+            theta = self.params.theta_scaled / mean_sq.clamp(min=1e-12)
+        scores.mul_(theta)
         ago = rows.unsqueeze(1) - positions.unsqueeze(0)
         if head:
             scores[:, :head].masked_fill_(ago[:, :head] < 1, float("-inf"))
@@ -206,7 +212,7 @@ class NeuralCache(MixtureMethod):
         e = scores.exp_()   # 0 where not visible
         # The target's keys are few: the numerators gather them instead of a masked sum over all.
         hit_rows, hit_cols = (values.unsqueeze(0) == targets.unsqueeze(1)).nonzero(as_tuple=True)
-        inside = (hit_cols.unsqueeze(1) < ends[hit_rows]).double()           # (hits, windows)
+        inside = (hit_cols.unsqueeze(1) < ends[hit_rows]).to(dt)           # (hits, windows)
         multiples = [1.0] if self.params.theta > 0 else list(THETA_MULTIPLES)
         last_col = (ends - 1).clamp(min=0)
         columns = {}
@@ -229,16 +235,26 @@ class NeuralCache(MixtureMethod):
             p = power(m)
             den = p.cumsum(1).gather(1, last_col)                          # (rows, windows)
             num = torch.zeros_like(den).index_add_(0, hit_rows, p[hit_rows, hit_cols].unsqueeze(1) * inside)
+            # A short window whose keys all score far below the longest window's maximum sums to
+            # 0 (underflow): those few entries are recomputed in log space from their own keys.
+            for r, j in ((den == 0) & available.unsqueeze(1)).nonzero().tolist():
+                keep = slice(int(begin[r]), int(ends[r, j]))
+                raw = (hidden[r] @ keys[keep].T).to(dt) * theta[r] * m
+                hit = values[keep] == targets[r]
+                den[r, j] = 1.0
+                num[r, j] = torch.exp(torch.logsumexp(raw[hit], 0) - torch.logsumexp(raw, 0)) if bool(hit.any()) else 0.0
             for j, w in enumerate(windows):
                 columns[(w, m)] = torch.log(num[:, j]) - torch.log(den[:, j])
         order = [(w, m) for w in windows for m in multiples]
         log_p = torch.stack([columns[k] for k in order], 1)          # (rows, experts), experts() order
         log_p = torch.where(available.unsqueeze(1), log_p, torch.zeros_like(log_p))
         lam = self.default_lambda
-        scored = torch.logaddexp(math.log1p(-lam) + base.double().unsqueeze(1), math.log(lam) + log_p)
-        scored = torch.where(available.unsqueeze(1), scored, torch.zeros_like(scored))
+        scored = torch.logaddexp(math.log1p(-lam) + base.to(dt).unsqueeze(1), math.log(lam) + log_p)
+        # (a floor: a token both the model and an expert give probability 0 must not turn the
+        # running sums into NaN)
+        scored = torch.where(available.unsqueeze(1), scored.clamp(min=-1e4), torch.zeros_like(scored))
         # Row r's weights count the rows before it only: it is scored before anything learns from it.
         before = self.evidence + scored.cumsum(0) - scored
         self.evidence = self.evidence + scored.sum(0)
         out = torch.logsumexp(torch.log_softmax(before, 1) + log_p, 1)
-        return out.to(hidden.dtype), available
+        return out.float(), available
