@@ -29,10 +29,9 @@ Grave et al. with window N.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
-
-import math
 
 import torch
 
@@ -170,8 +169,9 @@ class NeuralCache(MixtureMethod):
         Every expert's θ is a multiple of one θ_t (the fixed θ, or c / mean ‖h_i‖² over the
         row's longest window), so one exponential per key serves all of them: with
         E = exp(θ_t h_t·h_i − max), the expert at multiple m reads E^m (squares and
-        products of powers already taken), and a window's sums are prefix sums over the keys sorted nearest
-        first. float64: a short window's sum must not underflow beside a long window's max."""
+        products of powers already taken), and a window's sums are prefix sums over the keys
+        sorted nearest first. float64 keeps a short window's sum from underflowing beside the
+        longest window's maximum in all but extreme cases, which are recomputed in log space."""
         mem, N = self.memory, self.params.window
         first, last = rows.min(), rows.max()
         near = (mem.positions >= first - N) & (mem.positions < last)
