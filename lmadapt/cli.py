@@ -221,7 +221,7 @@ def _method_flags(parser) -> None:
     """--NAME-FIELD for every registered method's hyper-parameters, --lambda-NAME for mixtures."""
     import dataclasses
 
-    from lmadapt.methods import REGISTRY, MixtureMethod
+    from lmadapt.methods import MIXTURE_LAMBDAS, REGISTRY, MixtureMethod
 
     for name, cls in REGISTRY.items():
         group = parser.add_argument_group(f"{name} settings")
@@ -239,7 +239,10 @@ def _method_flags(parser) -> None:
                                    help=f"the same as --{name}-{f.name.replace('_', '-')} false")
         if issubclass(cls, MixtureMethod):
             group.add_argument(f"--lambda-{name}", dest=f"lambda__{name}", type=arg(float, PROBABILITY),
-                               default=None, help=f"mixture weight in [0, 1] (default {cls.default_lambda})")
+                               default=None, help=f"mixture weight in [0, 1] (default {cls.default_lambda}"
+                               + "".join(f"; {lams[name]:g} in {'+'.join(n for n in REGISTRY if n in key)}"
+                                         for key, lams in MIXTURE_LAMBDAS.items()
+                                         if lams.get(name, cls.default_lambda) != cls.default_lambda) + ")")
 
 
 def _read_settings(path: str) -> dict:

@@ -15,7 +15,7 @@ import torch
 
 from lmadapt import runs
 from lmadapt.errors import LmadaptError
-from lmadapt.methods import BASE, REGISTRY, Method, adapter_names, combination_name, mixture_names, parse_combination
+from lmadapt.methods import BASE, MIXTURE_LAMBDAS, REGISTRY, Method, adapter_names, combination_name, mixture_names, parse_combination
 from lmadapt.mix import check_lambdas, mix_log_probs, perplexity
 from lmadapt.params import parse_value
 from lmadapt.stream import StreamResult, stream_eval
@@ -54,8 +54,11 @@ def build_methods(names: list[str], params: dict[str, dict]) -> list[Method]:
 
 
 def mixture_lambdas(names: list[str], lambdas: dict[str, float]) -> dict[str, float]:
-    """λ of each mixture method of `names`: the given one, else the method's default_lambda."""
-    out = {n: float(lambdas.get(n, REGISTRY[n].default_lambda)) for n in mixture_names(names)}
+    """λ of each mixture method of `names`: the given one, else the mixture's default
+    (MIXTURE_LAMBDAS), else the method's default_lambda."""
+    mixers = mixture_names(names)
+    own = MIXTURE_LAMBDAS.get(frozenset(mixers), {})
+    out = {n: float(lambdas.get(n, own.get(n, REGISTRY[n].default_lambda))) for n in mixers}
     check_lambdas(out)
     return out
 

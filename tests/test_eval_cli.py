@@ -33,7 +33,7 @@ def test_eval_writes_table_json_and_tokens(trained, tmp_path, capsys):
     assert rep["methods"]["base"]["ppl"] == pytest.approx(results["test_ppl"], rel=1e-4)
     assert rep["tokens"] == results["test_tokens_scored"]
     entry = rep["methods"]["mbpa+cache"]
-    assert entry["params"]["mbpa"]["k"] == 8 and entry["lambdas"] == {"mbpa": 0.1, "cache": 0.2}
+    assert entry["params"]["mbpa"]["k"] == 8 and entry["lambdas"] == {"mbpa": 0.1, "cache": 0.2}  # as given
     assert entry["tokens_per_second"] > 0
     tokens = load_tokens(out_tok)
     assert tokens["targets"].numel() == rep["tokens"]
@@ -213,3 +213,22 @@ def test_cache_selects_online_by_default_and_old_configs_run_one_cache(trained, 
     assert _cli("eval", root / "run", "--split", "test", "--config", old, "--json", tmp_path / "old-out.json") == 0
     replay = json.loads((tmp_path / "old-out.json").read_text())["methods"]["cache"]
     assert replay["ppl"] == pytest.approx(single["ppl"], rel=1e-9) and replay["params"]["cache"]["select"] is False
+
+
+def test_a_mixture_has_its_own_default_lambdas_and_given_ones_win():
+    # mbpa+cache at the methods' own λs (0.1 + 0.2) was chosen against on the recipe models
+    # (bench/defaults/results/choice-select.json): inside it the cache takes 0.15.
+    from lmadapt.evaluate import mixture_lambdas
+
+    assert mixture_lambdas(["mbpa", "cache"], {}) == {"mbpa": 0.1, "cache": 0.15}
+    assert mixture_lambdas(["dyneval", "mbpa", "cache"], {}) == {"mbpa": 0.1, "cache": 0.15}
+    assert mixture_lambdas(["cache"], {}) == {"cache": 0.2} and mixture_lambdas(["mbpa"], {}) == {"mbpa": 0.1}
+    assert mixture_lambdas(["knn", "mbpa", "cache"], {}) == {"knn": 0.25, "mbpa": 0.1, "cache": 0.2}
+    assert mixture_lambdas(["mbpa", "cache"], {"cache": 0.3}) == {"mbpa": 0.1, "cache": 0.3}
+
+
+def test_eval_help_names_a_mixtures_own_default(capsys):
+    assert _cli("eval", "--help") == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--lambda-cache LAMBDA__CACHE mixture weight in [0, 1] (default 0.2; 0.15 in mbpa+cache)" in text
+    assert "--lambda-mbpa LAMBDA__MBPA mixture weight in [0, 1] (default 0.1)" in text
