@@ -15,7 +15,8 @@ import torch
 
 from lmadapt import runs
 from lmadapt.errors import LmadaptError
-from lmadapt.methods import BASE, MIXTURE_LAMBDAS, REGISTRY, Method, adapter_names, combination_name, mixture_names, parse_combination
+from lmadapt.methods import (BASE, MIXTURE_LAMBDAS, REGISTRY, Method, adapter_names, combination_name, mixture_names,
+                             parse_combination)
 from lmadapt.mix import check_lambdas, mix_log_probs, perplexity
 from lmadapt.params import parse_value
 from lmadapt.stream import StreamResult, stream_eval

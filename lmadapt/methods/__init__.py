@@ -20,7 +20,9 @@ REGISTRY: dict[str, type[Method]] = {
 # set of mixture methods; a λ given by flag or --config still wins). mbpa+cache at the methods'
 # own λs (0.1 + 0.2) fell 1.56 points behind the best mixture on one of the three recipe models'
 # valid prefixes; with cache 0.15 at most 0.90 (bench/defaults/results/choice-select.json).
-MIXTURE_LAMBDAS: dict[frozenset, dict[str, float]] = {frozenset({"mbpa", "cache"}): {"mbpa": 0.1, "cache": 0.15}}
+MIXTURE_LAMBDAS: dict[frozenset, dict[str, float]] = {
+    frozenset({"mbpa", "cache"}): {"mbpa": 0.1, "cache": 0.15},
+}
 # The base model alone, whatever its backbone (reports show which: "base (gpt2)").
 BASE = "base"
 # Also accepted for the base model in --method, --baseline and model_args.
@@ -55,5 +57,5 @@ def adapter_names(names: list[str]) -> list[str]:
     return [n for n in names if issubclass(REGISTRY[n], ModelAdapter)]
 
 
-__all__ = ["REGISTRY", "MIXTURE_LAMBDAS", "BASE", "BASE_ALIASES", "Method", "MixtureMethod", "ModelAdapter", "Segment", "EvalContext",
-           "parse_combination", "combination_name", "mixture_names", "adapter_names"]
+__all__ = ["REGISTRY", "MIXTURE_LAMBDAS", "BASE", "BASE_ALIASES", "Method", "MixtureMethod", "ModelAdapter", "Segment",
+           "EvalContext", "parse_combination", "combination_name", "mixture_names", "adapter_names"]
