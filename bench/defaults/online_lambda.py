@@ -4,7 +4,8 @@
         --cache select=True,theta=0.0,window=5000 --out bench/defaults/results/online-lambda-NAME.json
 
 For mbpa+cache at the given settings (keys of the sweep's columns file, bench/defaults/sweep.py
---columns): valid perplexity with the shipped λs (mbpa 0.1, cache 0.2), with the best λ pair
+--columns): valid perplexity with the methods' own λs (mbpa 0.1, cache 0.2; `shipped` in the
+file, the mixture's default when this was run), with the best λ pair
 in hindsight on the same tokens, and with the λ pair chosen online per token: every pair of
 the grid weighted by how well it scored the tokens before (each token is scored before its
 own target enters the weights, as the cache's online selection does). An off-line study of
