@@ -35,7 +35,7 @@ from lmadapt.params import PROBABILITY, numbers
 from lmadapt.runs import progress_enabled
 from lmadapt.stream import stream_eval
 
-# The MbPA paper's App. B λ grid, widened to 0.3: the defaults (cache 0.2, bench/defaults) must
+# The MbPA paper's App. B λ grid, widened to 0.3: the defaults (cache 0.2, 0.15 inside mbpa+cache) must
 # be on it, so that tuning is never worse than them on the prefix it tunes on, and on
 # WikiText-2 the cache's best λ was 0.3. λ is swept over stored columns (no model pass).
 DEFAULT_LAMBDA_GRID = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3]
