@@ -448,8 +448,12 @@ def _tune_for_eval(args, model, corpus, split, method, params, device, settings)
     on_text = split == "text"
     tune_split = "text" if on_text else "valid"
     cap = (corpus.split("text").numel() - 1) // 2 if on_text else None
+    scored = corpus.split(split).numel() - 1  # (with --text, the held-out part is not scored: an upper bound)
+    if args.tokens is not None:
+        scored = min(scored, args.tokens)
     result = tune_in_budget(model, corpus, method, minutes=args.tune_minutes, split=tune_split, params=params,
-                            device=device, segment_len=args.segment, cache_dir=args.run_dir, max_tokens=cap)
+                            device=device, segment_len=args.segment, cache_dir=args.run_dir, max_tokens=cap,
+                            eval_tokens=scored)
     if "fallback" in result:
         runs.warn(f"{result['fallback']}; evaluating with the settings from {settings['source']}")
         settings.update(source=f"{settings['source']} (tuning fell back)", tune_fallback=result["fallback"])
@@ -662,7 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json/--save-tokens file")
     p.add_argument("--tune", action="store_true",
                    help="first tune the methods' settings and λ on a valid prefix that fits --tune-minutes")
-    p.add_argument("--tune-minutes", type=arg(float, POSITIVE), default=3.0, help="tuning budget (default 3)")
+    p.add_argument("--tune-minutes", type=arg(float, POSITIVE), default=3.0, help="tuning budget; it also covers the evaluation's time beyond two plain passes, up to a "
+                        "quarter of it (default 3)")
     p.add_argument("--device", default="auto", help=DEVICES)
     p.add_argument("--threads", type=THREADS, default=0)
     p.add_argument("--datastore", help="kNN-LM datastore directory (`lmadapt datastore build`)")

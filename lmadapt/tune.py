@@ -25,6 +25,8 @@ import itertools
 import math
 import time
 
+import torch
+
 from tqdm import tqdm
 
 from lmadapt.errors import LmadaptError
@@ -182,9 +184,8 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
         labelled = mixer_pass(mixers, plan)
         # Memories fill as the pass goes, so a pass costs more per token than its price on a
         # short probe (tune_in_budget): the deadline keeps the search inside the budget.
-        stop = None if deadline is None else (
-            lambda scored, _: scored >= MIN_TUNE_TOKENS and time.perf_counter() > deadline)
-        r = run(build_methods(adapters, chosen) + [m for _, _, m in labelled], stop=stop)
+        r = run(build_methods(adapters, chosen) + [m for _, _, m in labelled],
+                stop=None if deadline is None else before_deadline(deadline))
         for name, setting, m in labelled:
             columns[name].append((setting, r.components[m.column]))
         base = r.base if adapters else base[:r.tokens]
@@ -198,23 +199,14 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
     # (e.g. base+cache and base+mbpa beside mbpa+cache), recorded in `subsets`.
     best = (perplexity(base), {}, {n: 0.0 for n in mixers})
     subsets: dict[str, tuple] = {}
-    for picks in itertools.product(*(columns[n] for n in mixers)):
-        comps = {n: pick[1] for n, pick in zip(mixers, picks)}
-        for lams in itertools.product(lambda_grid, repeat=len(mixers)):
-            if sum(lams) > 1.0 + 1e-9:
-                continue
-            lam = dict(zip(mixers, lams))
-            ppl = perplexity(mix_log_probs(base, comps, lam))
-            if not math.isfinite(ppl):
-                continue
-            setting = {n: pick[0] for n, pick in zip(mixers, picks)}
-            if ppl < best[0]:
-                best = (ppl, setting, lam)
-            active = adapters + [n for n in mixers if lam[n] > 0]
-            key = combination_name(active)
-            if key not in subsets or ppl < subsets[key][0]:
-                subsets[key] = (ppl, {n: setting[n] for n in mixers if lam[n] > 0}, {n: lam[n] for n in mixers if lam[n] > 0})
-            trials.append({"params": setting, "lambdas": lam, "ppl": ppl})
+    for setting, lam, ppl in joint_sweep(base, columns, mixers, lambda_grid):
+        if ppl < best[0]:
+            best = (ppl, setting, lam)
+        active = adapters + [n for n in mixers if lam[n] > 0]
+        key = combination_name(active)
+        if key not in subsets or ppl < subsets[key][0]:
+            subsets[key] = (ppl, {n: setting[n] for n in mixers if lam[n] > 0}, {n: lam[n] for n in mixers if lam[n] > 0})
+        trials.append({"params": setting, "lambdas": lam, "ppl": ppl})
 
     def full_params(chosen_mixers: dict, active: list[str]) -> dict:
         merged = {**chosen, **chosen_mixers}
@@ -245,6 +237,53 @@ def tune(model, corpus, method: str, *, split: str = "valid", params: dict | Non
         "top": trials[:20],
         "subsets": subset_report,
     }
+
+
+def before_deadline(deadline: float):
+    """stream_eval's `stop` for the mixer pass: True once MIN_TUNE_TOKENS are scored and the
+    next segment, if it costs what the last one did, would end past `deadline`. With every
+    setting side by side one segment can take seconds (MbPA's 37 settings on a WikiText-2
+    model: about 10 s for 512 tokens), so stopping only once the deadline has passed ran
+    that much over it."""
+    last = [time.perf_counter()]
+
+    def stop(scored, _) -> bool:
+        now = time.perf_counter()
+        step, last[0] = now - last[0], now
+        return scored >= MIN_TUNE_TOKENS and now + step > deadline
+
+    return stop
+
+
+def joint_sweep(base, columns: dict, mixers: list[str], lambda_grid: list[float]):
+    """(setting of each mixer, λ of each, perplexity) for every pick of one stored column per
+    mixer and every λ tuple of the grid with Σλ ≤ 1 whose perplexity is finite.
+
+    All λ tuples of one pick at once, in probability space (float64): p = (1 − Σ λ_i a_i) p_base
+    + Σ λ_i a_i p_i, the mixture lmadapt.mix forms in log space (equal up to rounding; every term
+    is non-negative, so none cancels). A mixture pass over the full grids holds hundreds of
+    picks times tens of λ tuples: one log-space mixture each took over a minute on 15k
+    tokens, this a few seconds."""
+    lams = [t for t in itertools.product(lambda_grid, repeat=len(mixers)) if sum(t) <= 1.0 + 1e-9]
+    if not lams:
+        return
+    lam = torch.tensor(lams, dtype=torch.float64)                  # (tuples, mixers)
+    p_base = base.double().exp().unsqueeze(1)                      # (n, 1)
+    # per mixer and pick: a_i p_i and a_i, (n,) each
+    parts = {n: [(setting, (log_p.double().exp() * avail, avail.double())) for setting, (log_p, avail) in columns[n]]
+             for n in mixers}
+    for picks in itertools.product(*(parts[n] for n in mixers)):
+        mixed = torch.zeros(p_base.shape[0], len(lams), dtype=torch.float64)
+        taken = torch.zeros_like(mixed)
+        for i, (_, (p, a)) in enumerate(picks):
+            mixed.addmm_(p.unsqueeze(1), lam[:, i:i + 1].T)
+            taken.addmm_(a.unsqueeze(1), lam[:, i:i + 1].T)
+        mixed.addcmul_(p_base, (1.0 - taken).clamp(min=0.0))
+        ppl = torch.exp(-mixed.log().mean(0)).tolist()
+        setting = {n: pick[0] for n, pick in zip(mixers, picks)}
+        for t, value in zip(lams, ppl):
+            if math.isfinite(value):
+                yield setting, dict(zip(mixers, t)), value
 
 
 # A model-adapter pass is dropped once its perplexity so far is DIVERGED times the plain
@@ -290,6 +329,9 @@ def mixer_pass(mixers: list[str], plan: dict[str, list[dict]]) -> list[tuple[str
     return out
 
 
+# At most this share of --tune-minutes is kept for the evaluation's own cost (tune_in_budget):
+# a long evaluation of a slow method must not leave the tuning nothing.
+RESERVE_SHARE = 0.25
 MIN_TUNE_TOKENS = 200  # below this a grid search on a prefix says more about noise than settings
 
 
@@ -308,14 +350,17 @@ def grid_with_defaults(names: list[str], params: dict) -> dict[str, dict[str, li
 
 def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "valid", params: dict | None = None,
                    device="cpu", segment_len: int | None = None, probe_tokens: int = 400, cache_dir=None,
-                   max_tokens: int | None = None) -> dict:
+                   max_tokens: int | None = None, eval_tokens: int | None = None) -> dict:
     """`lmadapt eval --tune`: the full `tune` grid on the longest prefix of `split` that fits
     in `minutes`. A pass is priced by timing the requested combination at its current
     settings on a short prefix (an upper bound: a tuning pass runs at most that much);
     the prefix is then cut so that every grid pass fits (and to `max_tokens`). A
     model-adapter grid larger than ETA settings is searched by successive halving (its
-    rungs priced as they will run). Returns tune()'s result with a `tuned_on` record, or
-    {"fallback": reason} when not even a minimal prefix fits."""
+    rungs priced as they will run). `eval_tokens`: the evaluation that follows will score
+    that many tokens; the budget then also covers its time beyond two plain passes (priced at
+    the current settings, at most RESERVE_SHARE of the budget), so that tuning plus evaluating
+    takes at most the budget plus twice a plain evaluation. Returns tune()'s result with a
+    `tuned_on` record, or {"fallback": reason} when not even a minimal prefix fits."""
     names = parse_combination(method)
     params = params or {}
     grids = grid_with_defaults(names, params)
@@ -349,6 +394,12 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
     # together, is timed itself.
     adapter_cost = price(build_methods(adapters, params))
     mixer_cost = price(build_methods(adapters, params) + [m for _, _, m in mixer_pass(mixers, plan)]) if mixers else 0.0
+    reserve = 0.0
+    if eval_tokens:
+        # The evaluation's cost beyond two plain passes (MbPA on the PTB recipe LSTM runs at a
+        # quarter of the plain model's speed), left out of the tuning's share of the budget.
+        extra = price(build_methods(names, params)) - 2 * price([])
+        reserve = min(max(extra, 0.0) * eval_tokens, RESERVE_SHARE * 60 * minutes)
 
     def rungs(n: int) -> dict:
         return {a: halving_rungs(len(plan[a]), n) if search == "halving" else [(len(plan[a]), n)] for a in adapters}
@@ -358,7 +409,7 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
         adapter_tokens = n + sum(k * prefix for a in adapters for k, prefix in rungs(n)[a])
         return adapter_cost * adapter_tokens + mixer_cost * n
 
-    left = 60 * minutes - (time.perf_counter() - start)
+    left = 60 * minutes - reserve - (time.perf_counter() - start)
     lo, hi = 0, available  # the longest prefix whose search fits in what is left (cost grows with n)
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -371,10 +422,11 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
                             f"{MIN_TUNE_TOKENS} {split} tokens (about {need:.1f} min needed)"}
     best = tune(model, corpus, method, split=split, params=params, grid_overrides=grids, device=device,
                 segment_len=segment_len, max_passes=max(passes, 1), tokens=tokens, cache_dir=cache_dir,
-                search=search, deadline=start + 60 * minutes)
+                search=search, deadline=start + 60 * minutes - reserve)
     best["tuned_on"] = {"split": split, "tokens": tokens, "of": whole, "passes": passes, "search": search,
                         **({"mixer_tokens": best["mixer_tokens"]} if "mixer_tokens" in best else {}),
                         "minutes_budget": minutes, "seconds": round(time.perf_counter() - start, 1),
+                        **({"reserved_seconds": round(reserve, 1)} if eval_tokens else {}),
                         "one_time_seconds": round(one_time, 1)}
     return best
 

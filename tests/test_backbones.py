@@ -85,7 +85,7 @@ def test_every_method_and_the_full_mixture_run_on_gpt2():
 def test_mbpa_on_gpt2_matches_the_naive_reference_and_leaves_the_tied_embedding():
     model, stream = tiny_gpt2(), motif_stream(90)
     assert model.lm.lm_head.weight is model.lm.transformer.wte.weight
-    params = MbPAParams(memory=30, k=6, alpha=0.4, steps=3, beta=0.05, eps=1e-3, normalise=False)
+    params = MbPAParams(memory=30, k=6, alpha=0.4, steps=3, beta=0.05, eps=1e-3, normalise=False, select=False)
     r = stream_eval(model, stream, [MbPA(params)], {"mbpa": 0.5}, segment_len=16)
     with torch.no_grad():
         hidden, _, _ = model(stream[:-1].unsqueeze(0))

@@ -215,15 +215,36 @@ def test_cache_selects_online_by_default_and_old_configs_run_one_cache(trained, 
     assert replay["ppl"] == pytest.approx(single["ppl"], rel=1e-9) and replay["params"]["cache"]["select"] is False
 
 
+def test_mbpa_selects_its_memory_online_by_default_and_old_configs_run_one_memory(trained, tmp_path, capsys):
+    root, _, _ = trained
+    common = ("eval", root / "run", "--split", "test", "--method", "mbpa", "--mbpa-memory", 40, "--mbpa-k", 4)
+    assert _cli(*common, "--json", tmp_path / "online.json") == 0
+    assert "mbpa: selected memory " in capsys.readouterr().out
+    online = json.loads((tmp_path / "online.json").read_text())["methods"]["mbpa"]
+    assert online["params"]["mbpa"]["select"] is True
+    picks = online["summary"]["mbpa"]["selected"]
+    assert {p["memory"] for p in picks} == {10, 40} and 0.5 <= picks[0]["weight"] <= 1
+    assert _cli(*common, "--mbpa-no-select", "--json", tmp_path / "single.json") == 0
+    single = json.loads((tmp_path / "single.json").read_text())["methods"]["mbpa"]
+    assert single["params"]["mbpa"]["select"] is False and "summary" not in single
+    assert single["ppl"] != pytest.approx(online["ppl"], rel=1e-6)
+    # A --config written before `select` existed names no `select`: it ran one memory of N.
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"method": "mbpa", "params": {"mbpa": {"memory": 40, "k": 4}}, "lambdas": {"mbpa": 0.15}}))
+    assert _cli("eval", root / "run", "--split", "test", "--config", old, "--json", tmp_path / "old-out.json") == 0
+    replay = json.loads((tmp_path / "old-out.json").read_text())["methods"]["mbpa"]
+    assert replay["ppl"] == pytest.approx(single["ppl"], rel=1e-9) and replay["params"]["mbpa"]["select"] is False
+
+
 def test_a_mixture_has_its_own_default_lambdas_and_given_ones_win():
-    # mbpa+cache at the methods' own λs (0.1 + 0.2) was chosen against on the recipe models
-    # (bench/defaults/results/choice-select.json): inside it the cache takes 0.15.
+    # mbpa+cache at the methods' own λs (0.15 + 0.2) was chosen against on the recipe models
+    # (bench/defaults/results/choice-mbpasel.json): inside it MbPA takes 0.1 and the cache 0.15.
     from lmadapt.evaluate import mixture_lambdas
 
     assert mixture_lambdas(["mbpa", "cache"], {}) == {"mbpa": 0.1, "cache": 0.15}
     assert mixture_lambdas(["dyneval", "mbpa", "cache"], {}) == {"mbpa": 0.1, "cache": 0.15}
-    assert mixture_lambdas(["cache"], {}) == {"cache": 0.2} and mixture_lambdas(["mbpa"], {}) == {"mbpa": 0.1}
-    assert mixture_lambdas(["knn", "mbpa", "cache"], {}) == {"knn": 0.25, "mbpa": 0.1, "cache": 0.2}
+    assert mixture_lambdas(["cache"], {}) == {"cache": 0.2} and mixture_lambdas(["mbpa"], {}) == {"mbpa": 0.15}
+    assert mixture_lambdas(["knn", "mbpa", "cache"], {}) == {"knn": 0.25, "mbpa": 0.15, "cache": 0.2}
     assert mixture_lambdas(["mbpa", "cache"], {"cache": 0.3}) == {"mbpa": 0.1, "cache": 0.3}
 
 
@@ -231,4 +252,4 @@ def test_eval_help_names_a_mixtures_own_default(capsys):
     assert _cli("eval", "--help") == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--lambda-cache LAMBDA__CACHE mixture weight in [0, 1] (default 0.2; 0.15 in mbpa+cache)" in text
-    assert "--lambda-mbpa LAMBDA__MBPA mixture weight in [0, 1] (default 0.1)" in text
+    assert "--lambda-mbpa LAMBDA__MBPA mixture weight in [0, 1] (default 0.15; 0.1 in mbpa+cache)" in text

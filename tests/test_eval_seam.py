@@ -19,7 +19,7 @@ from lmadapt.cli import main
 from lmadapt.corpus import load_corpus
 from lmadapt.errors import LmadaptError
 from lmadapt.evaluate import evaluate_run, load_tokens, mixture_lambdas
-from lmadapt.methods import REGISTRY, MixtureMethod, ModelAdapter, parse_combination
+from lmadapt.methods import MIXTURE_LAMBDAS, REGISTRY, MixtureMethod, ModelAdapter, parse_combination
 from lmadapt.methods.base import Method
 from lmadapt.methods.cache import CacheParams, NeuralCache
 from lmadapt.mix import perplexity
@@ -61,8 +61,10 @@ def test_every_method_is_one_kind_and_mixtures_own_their_lambda():
         assert issubclass(cls, MixtureMethod) != issubclass(cls, ModelAdapter), name
         if issubclass(cls, MixtureMethod):
             assert 0.0 <= cls.default_lambda <= 1.0, name
-    assert mixture_lambdas(["dyneval", "mbpa", "cache"], {"cache": 0.3}) == {"mbpa": REGISTRY["mbpa"].default_lambda,
-                                                                              "cache": 0.3}
+    # A given λ wins; the others keep the mixture's own default.
+    own = MIXTURE_LAMBDAS[frozenset({"mbpa", "cache"})]
+    assert mixture_lambdas(["dyneval", "mbpa", "cache"], {"cache": 0.3}) == {"mbpa": own["mbpa"], "cache": 0.3}
+    assert mixture_lambdas(["dyneval", "mbpa"], {}) == {"mbpa": REGISTRY["mbpa"].default_lambda}
 
 
 @dataclass

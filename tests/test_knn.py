@@ -395,7 +395,7 @@ def test_mbpa_over_both_takes_the_nearest_of_the_union(setup, tmp_path):
     datastore.build(setup["run"], small, model=model, corpus=setup["corpus"], split="test", layout=LAYOUT,
                     log=lambda m: None)
     K, alpha, N = 24, 0.5, 100
-    mb = MbPA(MbPAParams(k=K, alpha=alpha, memory=N, source="both", datastore=str(small)))
+    mb = MbPA(MbPAParams(k=K, alpha=alpha, memory=N, source="both", datastore=str(small), select=False))
     r = stream_eval(model, valid, [mb], {"mbpa": 0.5}, segment_len=40)
     store = Datastore(small)
     hidden = _hidden(model, valid).double()

@@ -105,7 +105,7 @@ def test_linear_mbpa_probs_extra_matches_logits_extra():
 
 def test_one_step_mbpa_stream_independent_of_segment_and_matches_naive():
     model, stream = tiny_lm(), motif_stream(300)
-    params = MbPAParams(memory=50, k=10, alpha=0.5, steps=1)
+    params = MbPAParams(memory=50, k=10, alpha=0.5, steps=1, select=False)
     results = [stream_eval(model, stream, [MbPA(params)], {"mbpa": 0.3}, segment_len=L) for L in (1, 13, None)]
     for r in results[1:]:
         torch.testing.assert_close(r.components["mbpa"][0], results[0].components["mbpa"][0], atol=1e-5, rtol=0)

@@ -103,7 +103,7 @@ def test_online_cache_is_the_bayesian_average_of_its_experts(theta, segment):
 
 def test_mbpa_in_the_stream_matches_the_naive_reference():
     model, stream = tiny_lm(), motif_stream(90)
-    params = MbPAParams(memory=30, k=6, alpha=0.4, steps=3, beta=0.05, eps=1e-3, normalise=False)
+    params = MbPAParams(memory=30, k=6, alpha=0.4, steps=3, beta=0.05, eps=1e-3, normalise=False, select=False)
     r = stream_eval(model, stream, [MbPA(params)], {"mbpa": 0.5}, segment_len=16)
     hidden, _ = _hidden_and_logits(model, stream)
     targets = stream[1:]
@@ -256,7 +256,7 @@ def test_mbpa_scaled_alpha_in_the_stream_matches_a_per_query_reference():
     """alpha 0: each position adapts with α_t = alpha_scaled / mean ‖h_k‖² of its own
     neighbours, on the stream's T = 1 path (stored probabilities)."""
     model, stream = tiny_lm(), motif_stream(90)
-    params = MbPAParams(memory=30, k=6, alpha=0.0, alpha_scaled=2.0, steps=1, eps=1e-3)
+    params = MbPAParams(memory=30, k=6, alpha=0.0, alpha_scaled=2.0, steps=1, eps=1e-3, select=False)
     r = stream_eval(model, stream, [MbPA(params)], {"mbpa": 0.5})
     hidden, _ = _hidden_and_logits(model, stream)
     targets = stream[1:]
@@ -271,6 +271,43 @@ def test_mbpa_scaled_alpha_in_the_stream_matches_a_per_query_reference():
                          w.unsqueeze(0), steps=1, lr=float(lr))
         torch.testing.assert_close(log_p[t].double(), ref[0, targets[t]], atol=1e-4, rtol=0)
     assert (log_p - r.base).abs().max() > 1e-2  # it adapts
+
+
+@pytest.mark.parametrize("segment", [17, None])
+def test_online_mbpa_is_the_bayesian_average_of_its_memories(segment):
+    """Per token, the selecting MbPA's p(target) is Σ_k w_k p_k(target) over one-memory MbPAs of
+    N/4 and N, with w_k ∝ Π_{s<t} ((1−λ) p_model(y_s) + λ p_k(y_s)): a plain loop over tokens
+    on the single memories' own columns."""
+    model, stream = tiny_lm(), motif_stream(240)
+    common = dict(k=4, alpha=0.0, alpha_scaled=2.0, steps=1)
+    online = MbPA(MbPAParams(memory=80, **common))
+    assert online.experts() == [20, 80]
+    r = stream_eval(model, stream, [online], {"mbpa": 0.3}, segment_len=segment)
+    singles = [stream_eval(model, stream, [MbPA(MbPAParams(memory=n, select=False, **common))], {"mbpa": 0.3},
+                           segment_len=segment).components["mbpa"][0].double() for n in (20, 80)]
+    p = torch.stack(singles, 1).exp()
+    assert (singles[0] - singles[1]).abs().max() > 1e-3  # the two memories differ
+    base, lam = r.base.double(), MbPA.default_lambda
+    log_p = r.components["mbpa"][0]
+    evidence = torch.zeros(2, dtype=torch.float64)
+    for t in range(r.tokens):
+        expected = torch.log((torch.softmax(evidence, 0) * p[t]).sum())
+        torch.testing.assert_close(log_p[t].double(), expected, atol=1e-5, rtol=0)
+        evidence += torch.log((1 - lam) * base[t].exp() + lam * p[t])
+    weights = online.selection.weights()
+    assert set(weights) == {20, 80}
+    torch.testing.assert_close(torch.tensor(list(weights.values()), dtype=torch.float64), torch.softmax(evidence, 0))
+    summary = online.summary()
+    assert summary["selected"][0]["memory"] == max(weights, key=weights.get) and "selected memory" in summary["text"]
+
+
+def test_mbpa_selection_has_one_expert_without_a_stream_memory_to_choose():
+    assert MbPA(MbPAParams(memory=80, k=4, select=False)).experts() == [80]
+    # N/4 below K would search fewer neighbours than K: the short memory is at least K.
+    assert MbPA(MbPAParams(memory=80, k=32)).experts() == [32, 80]
+    assert MbPA(MbPAParams(memory=80, k=4, source="datastore", datastore="x")).experts() == [80]
+    assert MbPA.settings_from_file({"memory": 500}) == {"memory": 500, "select": False}
+    assert MbPA.settings_from_file({"memory": 500, "select": True}) == {"memory": 500, "select": True}
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -303,7 +340,7 @@ def test_online_cache_survives_a_short_window_far_below_the_longest_windows_maxi
     target = torch.tensor([values[n - 1].item()])
     base = torch.tensor([-3.0])
     log_p, available = cache._select(query, torch.tensor([n]), target, base)
-    assert bool(available[0]) and torch.isfinite(log_p).all() and torch.isfinite(cache.evidence).all()
+    assert bool(available[0]) and torch.isfinite(log_p).all() and torch.isfinite(cache.selection.evidence).all()
     # window 4 (positions 36..39), fixed θ 5: its own softmax over four equal keys
     recent = values[n - 4:]
     expected = torch.log((recent == target).double().mean())
@@ -311,4 +348,4 @@ def test_online_cache_survives_a_short_window_far_below_the_longest_windows_maxi
     lam = NeuralCache.default_lambda
     scored = torch.logaddexp(torch.tensor(math.log1p(-lam) - 3.0, dtype=torch.float64),
                              torch.log(torch.tensor(lam, dtype=torch.float64)) + expected)
-    torch.testing.assert_close(cache.evidence[w], scored)
+    torch.testing.assert_close(cache.selection.evidence[w], scored)

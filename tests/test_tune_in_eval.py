@@ -408,3 +408,79 @@ def test_cache_grid_is_single_caches_plus_the_selecting_default():
     assert sum(s["select"] for s in _settings("cache", {}, {"window": [500, 5000]})) == 1
     # An explicit --grid over `select` is crossed like any axis.
     assert len(_settings("cache", {}, {"select": [True, False], "window": [50], "theta": [0.0]})) == 2
+
+
+def test_mbpa_grid_is_single_memories_plus_the_selecting_default():
+    from lmadapt.methods.mbpa import MbPAParams
+    from lmadapt.tune import _settings, grid_with_defaults
+
+    plan = _settings("mbpa", {}, grid_with_defaults(["mbpa"], {})["mbpa"])
+    d = MbPAParams()
+    selecting = [s for s in plan if s["select"]]
+    assert len(plan) == 37 and selecting == [{"select": True, "memory": d.memory, "k": d.k, "alpha": d.alpha,
+                                               "steps": d.steps}]
+    assert not any(s["select"] for s in _settings("mbpa", {}, {"memory": [500]}))
+    assert sum(s["select"] for s in _settings("mbpa", {}, {"memory": [500, 2000]})) == 1
+
+
+def test_joint_sweep_matches_the_log_space_mixture_of_every_pick_and_lambda():
+    from lmadapt.mix import mix_log_probs, perplexity
+    from lmadapt.tune import joint_sweep
+
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    base = torch.log_softmax(torch.randn(n, 50, generator=g), 1)[:, 0]
+    def column(p_off):
+        log_p = torch.log_softmax(torch.randn(n, 50, generator=g), 1)[:, 0]
+        log_p[::7] = float("-inf")             # a cache that gives the target nothing
+        avail = torch.rand(n, generator=g) > p_off
+        return log_p, avail
+    columns = {"mbpa": [({"k": 1}, column(0.0)), ({"k": 2}, column(0.0))],
+               "cache": [({"w": 1}, column(0.1)), ({"w": 2}, column(0.3)), ({"w": 3}, column(0.0))]}
+    grid = [0.0, 0.2, 0.5, 0.9]
+    got = list(joint_sweep(base, columns, ["mbpa", "cache"], grid))
+    # λ (0.5, 0.5) leaves the base model nothing: where both columns give the target 0 the
+    # mixture is -inf, and such a pick is left out, as a non-finite perplexity always was.
+    assert len(got) == 2 * 3 * (sum(a + b <= 1 for a in grid for b in grid) - 1)
+    for setting, lam, ppl in got:
+        comps = {n: next(c for s, c in columns[n] if s == setting[n])
+                 for n in ("mbpa", "cache")}
+        assert ppl == pytest.approx(perplexity(mix_log_probs(base, comps, lam)), rel=1e-6)  # the reference mixes in float32
+
+
+def test_the_mixer_pass_stops_before_a_segment_that_would_end_past_the_deadline(monkeypatch):
+    clock = iter([100.0, 104.0, 108.0, 112.0, 113.0])   # the pass starts at 100; segments end at 104, 108, ...
+    monkeypatch.setattr(tune_module.time, "perf_counter", lambda: next(clock))
+    stop = tune_module.before_deadline(115.0)
+    many = tune_module.MIN_TUNE_TOKENS
+    assert not stop(many, None)        # 104 + 4 <= 115
+    assert not stop(many - 1, None)    # 108 + 4 > 115, but too few tokens scored yet
+    assert stop(many, None)            # 112 + 4 > 115: the next segment would end at 116
+    assert not stop(many, None)        # a short segment (1 s): 113 + 1 <= 115
+
+
+def test_the_budget_keeps_time_for_a_slow_evaluation(one_thread, monkeypatch):
+    """With eval_tokens, the evaluation's cost beyond two plain passes (priced at the current
+    settings) comes out of the tuning's share of the budget, at most RESERVE_SHARE of it."""
+    import time
+
+    from conftest import motif_stream, tiny_lm
+
+    model = tiny_lm(seed=4)
+    corpus = _TwoSplits(motif_stream(400, seed=6), motif_stream(300, seed=8))
+    real = tune_module.stream_eval
+
+    def slow_single_method(model, stream, methods, *a, **k):  # only the pricing of the evaluated setting runs one mbpa
+        if len(methods) == 1:
+            time.sleep(1.0)
+        return real(model, stream, methods, *a, **k)
+
+    monkeypatch.setattr(tune_module, "stream_eval", slow_single_method)
+    params = {"mbpa": {"k": 4, "memory": 50}}
+    long = tune_module.tune_in_budget(model, corpus, "mbpa", minutes=0.2, params=params, eval_tokens=10**9)
+    assert long["tuned_on"]["reserved_seconds"] == pytest.approx(tune_module.RESERVE_SHARE * 12, rel=1e-6)
+    short = tune_module.tune_in_budget(model, corpus, "mbpa", minutes=0.2, params=params, eval_tokens=100)
+    # 1 s over the 299-token probe, for 100 tokens: about a third of a second
+    assert 0.2 < short["tuned_on"]["reserved_seconds"] < 1.0
+    assert "reserved_seconds" not in tune_module.tune_in_budget(model, corpus, "mbpa", minutes=0.2,
+                                                                 params=params)["tuned_on"]

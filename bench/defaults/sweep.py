@@ -1,4 +1,5 @@
-"""Evidence for the shipped defaults: every grid setting of each method on one model's valid prefix.
+"""Evidence for the shipped defaults: every grid setting of each method on one model's valid prefix
+(or, with --split test, on a test prefix, to check a choice already made on valid).
 
     python bench/defaults/sweep.py RUN_DIR --name ptb-lstm --tokens 20000 --threads 1 \
         --out bench/defaults/results/sweep-ptb-lstm.json [--methods cache,mbpa,dyneval]
@@ -52,7 +53,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--name", required=True, help="the model's label in the tables (e.g. ptb-lstm)")
-    ap.add_argument("--tokens", type=int, default=20000, help="scored tokens from valid's start")
+    ap.add_argument("--tokens", type=int, default=20000, help="scored tokens from the split's start")
+    ap.add_argument("--split", default="valid", help="valid (choosing defaults) or test (checking a choice made on valid)")
     ap.add_argument("--methods", default="cache,mbpa,dyneval")
     ap.add_argument("--grid", action="append", default=[], metavar="METHOD.PARAM=v1,v2",
                     help="narrow one axis of a method's grid (the preset and defaults are still run)")
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = json.loads(out.read_text()) if out.is_file() else {}
-    report.update({"model": args.name, "run_dir": str(Path(args.run_dir).resolve()), "split": "valid",
+    report.update({"model": args.name, "run_dir": str(Path(args.run_dir).resolve()), "split": args.split,
                    "threads": args.threads, "lambdas": LAMBDAS})
     if args.device != "cpu":
         report["device"] = args.device
@@ -89,13 +91,13 @@ def main(argv=None) -> int:
     overrides, _ = parse_grid(args.grid, args.methods.split(","))
     columns = torch.load(args.columns, weights_only=True) if args.columns and Path(args.columns).is_file() else {}
     model, corpus, _ = load_for_eval(args.run_dir, device=args.device)
-    stream = corpus.split("valid")[: args.tokens + 1]
+    stream = corpus.split(args.split)[: args.tokens + 1]
     report["tokens"] = stream.numel() - 1
     t0 = time.perf_counter()
     base = stream_eval(model, stream, [], {}, corpus=corpus, device=args.device)
     report["base_ppl"] = perplexity(base.base)
     report["base_tokens_per_second"] = base.tokens / (time.perf_counter() - t0)
-    print(f"{args.name}: base valid[:{report['tokens']}] ppl {report['base_ppl']:.2f}", flush=True)
+    print(f"{args.name}: base {args.split}[:{report['tokens']}] ppl {report['base_ppl']:.2f}", flush=True)
     save()
     columns["base"] = base.base.cpu()
 

@@ -18,8 +18,8 @@ REGISTRY: dict[str, type[Method]] = {
 }
 # Default λs of a mixture whose methods' own defaults do not serve it together (keyed by its
 # set of mixture methods; a λ given by flag or --config still wins). mbpa+cache at the methods'
-# own λs (0.1 + 0.2) fell 1.56 points behind the best mixture on one of the three recipe models'
-# valid prefixes; with cache 0.15 at most 0.90 (bench/defaults/results/choice-select.json).
+# own λs (0.15 + 0.2) fell 2.85 points behind the best mixture on one of the three recipe
+# models' valid prefixes; at (0.1, 0.15) at most 1.10 (bench/defaults/results/choice-mbpasel.json).
 MIXTURE_LAMBDAS: dict[frozenset, dict[str, float]] = {
     frozenset({"mbpa", "cache"}): {"mbpa": 0.1, "cache": 0.15},
 }

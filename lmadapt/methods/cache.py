@@ -29,7 +29,6 @@ Grave et al. with window N.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,17 +36,13 @@ import torch
 
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import MixtureMethod, Segment
+from lmadapt.methods.selection import OnlineSelection, wide
 from lmadapt.params import NON_NEGATIVE, POSITIVE, at_least
 
 _ROWS = 128  # segment rows per attention block
 # Online selection's experts: windows as fractions of N, and multiples of the scaled θ's c.
 WINDOW_FRACTIONS = (0.1, 0.2, 0.4, 1.0)
 THETA_MULTIPLES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
-
-
-def _wide(device: torch.device) -> torch.dtype:
-    """The selection's working precision: float64 (MPS has none: float32 there)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 @dataclass
@@ -101,21 +96,18 @@ class NeuralCache(MixtureMethod):
 
     def start(self, ctx) -> None:
         self.memory = ctx.memory
-        # Each expert's log-likelihood of the scored stream, mixed at default_lambda: its log
-        # posterior weight (up to the uniform prior). float64: it sums over the whole stream.
-        self.evidence = torch.zeros(len(self.experts()), dtype=_wide(torch.device(ctx.device)), device=ctx.device)
+        self.selection = OnlineSelection(self.experts(), self.default_lambda, ctx.device)
 
     def weights(self) -> dict[tuple[int, float], float]:
         """The experts' posterior weights after the tokens scored so far."""
-        w = torch.softmax(self.evidence, 0).tolist()
-        return dict(zip(self.experts(), w))
+        return self.selection.weights()
 
     def summary(self) -> dict:
         """The selection's three heaviest experts at the end of the stream."""
-        if not self.params.select or not hasattr(self, "evidence"):
+        if not self.params.select or not hasattr(self, "selection"):
             return {}
         name = "theta" if self.params.theta > 0 else "theta_scaled"
-        top = sorted(self.weights().items(), key=lambda kv: -kv[1])[:3]
+        top = self.selection.top(3)
         (w, t), p = top[0]
         theta = f"θ {t:g}" if name == "theta" else f"scaled θ with c {t:g}"
         return {"selected": [{"window": w, name: t, "weight": round(p, 4)} for (w, t), p in top],
@@ -192,7 +184,7 @@ class NeuralCache(MixtureMethod):
         ends = M - torch.searchsorted(ascending, starts.contiguous())   # prefix length of each window
         begin = M - torch.searchsorted(ascending, rows.unsqueeze(1).contiguous())  # keys at positions >= row
         available = begin.squeeze(1) < ends[:, -1]   # a key in the longest window (then in every window)
-        dt = _wide(rows.device)
+        dt = wide(rows.device)
         scores = (hidden @ keys.T).to(dt)
         if self.params.theta > 0:
             theta = torch.full_like(scores[:, :1], self.params.theta)
@@ -247,14 +239,4 @@ class NeuralCache(MixtureMethod):
                 columns[(w, m)] = torch.log(num[:, j]) - torch.log(den[:, j])
         order = [(w, m) for w in windows for m in multiples]
         log_p = torch.stack([columns[k] for k in order], 1)          # (rows, experts), experts() order
-        log_p = torch.where(available.unsqueeze(1), log_p, torch.zeros_like(log_p))
-        lam = self.default_lambda
-        scored = torch.logaddexp(math.log1p(-lam) + base.to(dt).unsqueeze(1), math.log(lam) + log_p)
-        # (a floor: a token both the model and an expert give probability 0 must not turn the
-        # running sums into NaN)
-        scored = torch.where(available.unsqueeze(1), scored.clamp(min=-1e4), torch.zeros_like(scored))
-        # Row r's weights count the rows before it only: it is scored before anything learns from it.
-        before = self.evidence + scored.cumsum(0) - scored
-        self.evidence = self.evidence + scored.sum(0)
-        out = torch.logsumexp(torch.log_softmax(before, 1) + log_p, 1)
-        return out.float(), available
+        return self.selection.average(log_p, base, available), available

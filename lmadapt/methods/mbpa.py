@@ -24,6 +24,14 @@ With dynamic evaluation the stored base predictions lag the current weights
 them as they are: MbPA then adapts from the current weights using slightly
 stale neighbour predictions, which costs nothing and changes little for
 small dynamic-evaluation learning rates.
+
+By default (`select`) the memory N is chosen per position from the stream itself
+(lmadapt.methods.selection), because no one N serves every model: on valid the PTB
+recipe LSTM does best with N = 500 and loses 0.6 points of gain at 2,000, while both
+WikiText-2 recipe models lose 2.6 to 3.6 points at 500 (bench/defaults). MbPA runs
+one local adaptation per window in N·(0.25, 1) and gives their Bayesian average,
+weighted by how well each, mixed with the model at MbPA's default λ, scored the tokens
+already scored. `select` false is one memory of N, as in the paper.
 """
 
 from __future__ import annotations
@@ -37,15 +45,16 @@ from lmadapt.adapt import KERNELS, LinearMbPA, functional_mbpa, kernel_weights
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import MixtureMethod, Segment
 from lmadapt.methods.mbpa_source import SOURCES, mbpa_log_probs
+from lmadapt.methods.selection import OnlineSelection
 from lmadapt.params import NON_NEGATIVE, POSITIVE, at_least
 
 
 @dataclass
 class MbPAParams:
-    # N, K, the scaled alpha and λ 0.1: the setting that lost least against each recipe
-    # model's own best on valid (bench/defaults, docs/results.md section 9); the paper's
-    # App. B setting is the preset "paper".
-    memory: int = 2000      # N: past positions searched
+    # N, K, the scaled alpha, the selection and λ 0.15: the setting that lost least against
+    # each recipe model's own best on valid (bench/defaults, docs/results.md section 9); the
+    # paper's App. B setting is the preset "paper".
+    memory: int = 2000      # N: past positions searched (select: the longest window)
     k: int = 32             # neighbours per query
     alpha: float = 0.0      # local learning rate; 0: scaled to the hidden states' norms, below
     alpha_scaled: float = 67.0  # c of the scaled α = c / mean ‖h_k‖² of each query's neighbours
@@ -58,13 +67,18 @@ class MbPAParams:
     adapt: str = "all"      # what the local steps move: all (W and b, the paper) | weight | bias
     source: str = "stream"  # neighbours from: stream (the paper) | datastore (training set) | both
     datastore: str = ""     # kNN-LM datastore for source datastore|both (--datastore)
+    select: bool = True     # choose the memory among N/4 and N online (module docstring)
 
     RANGES: ClassVar[dict] = {"memory": at_least(1), "k": at_least(1), "alpha": NON_NEGATIVE, "steps": at_least(1),
                               "beta": NON_NEGATIVE, "eps": POSITIVE, "alpha_scaled": POSITIVE}
     HELP: ClassVar[dict] = {"alpha": "local learning rate α; 0 scales it to the neighbours' squared norms",
-                            "alpha_scaled": "c of the scaled α = c / mean squared norm of each query's neighbours"}
+                            "alpha_scaled": "c of the scaled α = c / mean squared norm of each query's neighbours",
+                            "select": "choose the memory (N/4 or N) per position by Bayesian averaging over the "
+                                      "stream scored so far (one local adaptation per memory); false: one memory of N"}
 
 
+# Online selection's experts: memories as fractions of N.
+WINDOW_FRACTIONS = (0.25, 1.0)
 _STORE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Stream segment length the T = 1 path prefers: the (N + L) x V table is read from DRAM
 # once per segment and then served from cache, so longer segments amortise it.  Measured
@@ -77,16 +91,21 @@ _SEGMENT = 512
 class MbPA(MixtureMethod):
     name = "mbpa"
     Params = MbPAParams
-    default_lambda = 0.1  # bench/defaults (with the scaled α; the paper's App. B PTB setting is also 0.1)
+    default_lambda = 0.15  # bench/defaults (with the scaled α and the selection; the paper's App. B PTB setting is 0.1)
     # Searched by `lmadapt tune`: the paper's App. B grid (PAPER_GRID) tops out at alpha 1 and
     # K >= 256, while on the CPU-scale models here small K with large alpha does best
     # (bench/defaults: every setting of this grid on each recipe model's valid split).
     # alpha 0 is the scaled α at the default c (67 = 3 x 22.4: the fixed α = 3 on the model
     # whose mean squared hidden norm is 22.4, bench/defaults); the others are fixed steps.
-    grid = {"memory": [500, 2000, 5000], "k": [32, 256], "steps": [1], "alpha": [0.0, 0.15, 1.0, 3.0, 10.0, 30.0]}
+    # The grid's settings are single memories; the online selection (the default) is tried as
+    # the default setting alone (DEFAULT_POINT_AXES), as the cache's is.
+    grid = {"memory": [500, 2000, 5000], "k": [32, 256], "steps": [1], "alpha": [0.0, 0.15, 1.0, 3.0, 10.0, 30.0],
+            "select": [False]}
+    DEFAULT_POINT_AXES = frozenset({"select"})
     PAPER_GRID = {"memory": [500, 1000, 5000], "k": [256, 512], "steps": [1, 5, 10],
                   "alpha": [0.01, 0.1, 0.15, 0.2, 0.5, 1.0]}
-    PRESETS = {"paper": {"memory": 5000, "k": 256, "alpha": 0.15, "steps": 1, "lambda": 0.1}}  # App. B, PTB
+    PRESETS = {"paper": {"memory": 5000, "k": 256, "alpha": 0.15, "steps": 1, "select": False,
+                         "lambda": 0.1}}  # App. B, PTB
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -114,6 +133,28 @@ class MbPA(MixtureMethod):
             # after the first step (lmadapt.adapt.scaled_step_weights).
             raise LmadaptError("mbpa's scaled alpha (alpha 0) with steps > 1 needs beta 0: give a fixed --mbpa-alpha")
 
+    @classmethod
+    def settings_from_file(cls, params: dict) -> dict:
+        """Files written before `select` existed ran one memory of N."""
+        return params if "select" in params else {**params, "select": False}
+
+    def experts(self) -> list[int]:
+        """The memory N of each expert of the online selection (one: no selection). A
+        datastore-only source has no stream memory to choose."""
+        p = self.params
+        if not p.select or p.source == "datastore":
+            return [p.memory]
+        return sorted({max(p.k, round(p.memory * f)) for f in WINDOW_FRACTIONS})
+
+    def summary(self) -> dict:
+        """The memory the selection weighs most at the end of the stream."""
+        if len(self.experts()) < 2 or not hasattr(self, "selection"):
+            return {}
+        top = self.selection.top(3)
+        n, w = top[0]
+        return {"selected": [{"memory": m, "weight": round(p, 4)} for m, p in top],
+                "text": f"selected memory {n} (weight {w:.2f} at the end of the stream)"}
+
     def _scaled_step(self) -> float:
         """c of the scaled step when alpha is 0, else 0 (a fixed step)."""
         return self.params.alpha_scaled if self.params.alpha == 0 else 0.0
@@ -136,6 +177,7 @@ class MbPA(MixtureMethod):
 
     def start(self, ctx) -> None:
         self.memory = ctx.memory
+        self.selection = OnlineSelection(self.experts(), self.default_lambda, ctx.device)
         if self.params.source != "stream":
             from lmadapt.datastore import open_datastore
 
@@ -152,8 +194,22 @@ class MbPA(MixtureMethod):
                                 logits_extra="log_probs", probs_extra="probs", adapt=p.adapt)
 
     def target_log_probs(self, seg: Segment):
+        experts = self.experts()
+        if len(experts) == 1:
+            log_p = self._target_log_probs(seg, experts[0])
+        else:
+            base = seg.log_probs.gather(1, seg.targets.unsqueeze(1)).squeeze(1)
+            columns = torch.stack([self._target_log_probs(seg, n) for n in experts], 1)
+            log_p = self.selection.average(columns, base, torch.ones_like(base, dtype=torch.bool))
+        # Rows with no neighbour yet come back unadapted (= the base model): no need to
+        # mark them unavailable, mixing them in changes nothing.
+        return log_p, torch.ones_like(log_p, dtype=torch.bool)
+
+    def _target_log_probs(self, seg: Segment, memory: int):
+        """log p(target) of each row after adapting to its neighbours among the last `memory`
+        positions."""
         t = seg.positions
-        window = (t - self.params.memory, t)
+        window = (t - memory, t)
         p = self.params
         if p.source != "stream":
             log_probs = mbpa_log_probs(p.source, self.store, self.memory, seg.hidden, seg.logits, window, k=p.k,
@@ -172,7 +228,4 @@ class MbPA(MixtureMethod):
                 self.decoder, seg.hidden, self.memory.keys[idx], self.memory.values[idx], w,
                 steps=p.steps, lr=p.alpha, beta=p.beta, optimizer=p.optimizer,
                 trainable={"all": None, "weight": {"weight"}, "bias": {"bias"}}[p.adapt])
-        log_p = log_probs.gather(1, seg.targets.unsqueeze(1)).squeeze(1)
-        # Rows with no neighbour yet come back unadapted (= the base model): no need to
-        # mark them unavailable, mixing them in changes nothing.
-        return log_p, torch.ones_like(log_p, dtype=torch.bool)
+        return log_probs.gather(1, seg.targets.unsqueeze(1)).squeeze(1)
