@@ -356,9 +356,10 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
     the prefix is then cut so that every grid pass fits (and to `max_tokens`). A
     model-adapter grid larger than ETA settings is searched by successive halving (its
     rungs priced as they will run). `eval_tokens`: the evaluation that follows will score
-    that many tokens; the budget then also covers its time beyond two plain passes (priced at
-    the current settings, at most RESERVE_SHARE of the budget), so that tuning plus evaluating
-    takes at most the budget plus twice a plain evaluation. Returns tune()'s result with a
+    that many tokens; the budget then also covers its time beyond a plain pass (priced at the
+    current settings, at most RESERVE_SHARE of the budget), so that tuning and evaluating take
+    the budget plus about one plain evaluation, and a second one's worth is left for loading
+    the valid split and a last segment's overrun. Returns tune()'s result with a
     `tuned_on` record, or {"fallback": reason} when not even a minimal prefix fits."""
     names = parse_combination(method)
     params = params or {}
@@ -395,9 +396,9 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
     mixer_cost = price(build_methods(adapters, params) + [m for _, _, m in mixer_pass(mixers, plan)]) if mixers else 0.0
     reserve = 0.0
     if eval_tokens:
-        # The evaluation's cost beyond two plain passes (MbPA on the PTB recipe LSTM runs at a
+        # The evaluation's cost beyond a plain pass (MbPA on the PTB recipe LSTM runs at a
         # quarter of the plain model's speed), left out of the tuning's share of the budget.
-        extra = price(build_methods(names, params)) - 2 * price([])
+        extra = price(build_methods(names, params)) - price([])
         reserve = min(max(extra, 0.0) * eval_tokens, RESERVE_SHARE * 60 * minutes)
 
     def rungs(n: int) -> dict:
