@@ -380,6 +380,23 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
                     segment_len=segment_len, cache_dir=cache_dir)
         return (time.perf_counter() - t0) / max(probe, 1)
 
+    def steady_price(methods, fill: int) -> float:
+        """Seconds per token of `methods` after `fill` tokens (their memories full), timed on
+        the segments that end after it, in one pass over fill + probe tokens."""
+        if fill <= 0:
+            return price(methods)
+        marks = [(0, time.perf_counter())]   # (tokens scored, when): the loop asks `stop` per segment
+
+        def clock(scored, _):
+            marks.append((scored, time.perf_counter()))
+            return False
+
+        result = stream_eval(model, stream[:fill + probe + 1], methods, {}, corpus=corpus, device=device,
+                             segment_len=segment_len, cache_dir=cache_dir, stop=clock)
+        marks.append((result.tokens, time.perf_counter()))
+        n0, t0 = max((m for m in marks if m[0] <= fill), key=lambda m: m[0])
+        return (marks[-1][1] - t0) / max(marks[-1][0] - n0, 1)
+
     # One-time costs first (dyneval's gradient statistics, a datastore's index). The evaluation
     # pays them anyway (and reuses them: the statistics are cached per run), so they are not
     # tuning's: the budget starts after them. Left inside it, a cold statistics pass over the
@@ -398,7 +415,12 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
     if eval_tokens:
         # The evaluation's cost beyond a plain pass (MbPA on the PTB recipe LSTM runs at a
         # quarter of the plain model's speed), left out of the tuning's share of the budget.
-        extra = price(build_methods(names, params)) - price([])
+        # Priced once the memories are full: MbPA's cost grows with its memory, and on the
+        # short probe it came out at half of what the evaluation then took.
+        methods = build_methods(names, params)
+        fill = min(max((m.memory_window() for m in methods if isinstance(m, MixtureMethod)), default=0),
+                   eval_tokens, available - probe)
+        extra = steady_price(methods, fill) - price([])
         reserve = min(max(extra, 0.0) * eval_tokens, RESERVE_SHARE * 60 * minutes)
 
     def rungs(n: int) -> dict:

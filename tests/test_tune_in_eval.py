@@ -484,3 +484,31 @@ def test_the_budget_keeps_time_for_a_slow_evaluation(one_thread, monkeypatch):
     assert 0.2 < short["tuned_on"]["reserved_seconds"] < 1.0
     assert "reserved_seconds" not in tune_module.tune_in_budget(model, corpus, "mbpa", minutes=0.2,
                                                                  params=params)["tuned_on"]
+
+
+def test_the_evaluation_is_priced_once_its_memory_is_full(one_thread, monkeypatch):
+    """MbPA's cost grows with its memory: the reserve prices the evaluated setting on the
+    segments after its memory window, not on the first tokens."""
+    from conftest import motif_stream, tiny_lm
+
+    model = tiny_lm(seed=4)
+    corpus = _TwoSplits(motif_stream(400, seed=6), motif_stream(300, seed=8))
+    real = tune_module.stream_eval
+    clock = [0.0]
+    monkeypatch.setattr(tune_module.time, "perf_counter", lambda: clock[0])
+
+    def fake(model, stream, methods, lambdas, **k):
+        stop = k.pop("stop", None)
+        if len(methods) == 1 and stop is not None:   # the steady-state pricing of the evaluated mbpa
+            n = stream.numel() - 1
+            for e in range(25, n, 25):               # 0.001 s a token while the memory fills, then 0.01
+                clock[0] += 25 * (0.001 if e <= 50 else 0.01)
+                stop(e, None)
+            clock[0] += 25 * 0.01
+        return real(model, stream, methods, lambdas, **k)
+
+    monkeypatch.setattr(tune_module, "stream_eval", fake)
+    res = tune_module.tune_in_budget(model, corpus, "mbpa", minutes=0.2, probe_tokens=100,
+                                     params={"mbpa": {"k": 4, "memory": 50}}, eval_tokens=100)
+    # 0.01 s a token after the 50-token memory (the plain pass costs nothing on this clock)
+    assert res["tuned_on"]["reserved_seconds"] == pytest.approx(1.0)
