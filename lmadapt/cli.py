@@ -666,7 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json/--save-tokens file")
     p.add_argument("--tune", action="store_true",
                    help="first tune the methods' settings and λ on a valid prefix that fits --tune-minutes")
-    p.add_argument("--tune-minutes", type=arg(float, POSITIVE), default=3.0, help="tuning budget; it also covers the evaluation's time beyond a plain pass, up to a "
+    p.add_argument("--tune-minutes", type=arg(float, POSITIVE), default=3.0,
+                   help="tuning budget; it also covers the evaluation's time beyond a plain pass, up to a "
                         "quarter of it (default 3)")
     p.add_argument("--device", default="auto", help=DEVICES)
     p.add_argument("--threads", type=THREADS, default=0)

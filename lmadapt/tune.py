@@ -32,7 +32,7 @@ from tqdm import tqdm
 from lmadapt.errors import LmadaptError
 from lmadapt.evaluate import build_methods, coerce_param
 from lmadapt.methods import REGISTRY, MixtureMethod, adapter_names, combination_name, mixture_names, parse_combination
-from lmadapt.mix import mix_log_probs, perplexity
+from lmadapt.mix import perplexity
 from lmadapt.params import PROBABILITY, numbers
 from lmadapt.runs import progress_enabled
 from lmadapt.stream import stream_eval
