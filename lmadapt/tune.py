@@ -331,6 +331,8 @@ def mixer_pass(mixers: list[str], plan: dict[str, list[dict]]) -> list[tuple[str
 # At most this share of --tune-minutes is kept for the evaluation's own cost (tune_in_budget):
 # a long evaluation of a slow method must not leave the tuning nothing.
 RESERVE_SHARE = 0.25
+# The steady-state pricing pass (over the longest memory window) may take at most this share.
+STEADY_SHARE = 0.05
 MIN_TUNE_TOKENS = 200  # below this a grid search on a prefix says more about noise than settings
 
 
@@ -380,21 +382,24 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
                     segment_len=segment_len, cache_dir=cache_dir)
         return (time.perf_counter() - t0) / max(probe, 1)
 
-    def steady_price(methods, fill: int) -> float:
+    def steady_price(methods, fill: int, cap: float) -> float:
         """Seconds per token of `methods` after `fill` tokens (their memories full), timed on
-        the segments that end after it, in one pass over fill + probe tokens."""
+        the segments that end after it, in one pass over fill + probe tokens. A pass that
+        reaches `cap` seconds stops there (a slow combination such as dyneval+cache must not
+        spend the budget on pricing); short of `fill`, its price is its last segment's."""
         if fill <= 0:
             return price(methods)
         marks = [(0, time.perf_counter())]   # (tokens scored, when): the loop asks `stop` per segment
 
         def clock(scored, _):
             marks.append((scored, time.perf_counter()))
-            return False
+            return marks[-1][1] - marks[0][1] > cap
 
         result = stream_eval(model, stream[:fill + probe + 1], methods, {}, corpus=corpus, device=device,
                              segment_len=segment_len, cache_dir=cache_dir, stop=clock)
-        marks.append((result.tokens, time.perf_counter()))
-        n0, t0 = max((m for m in marks if m[0] <= fill), key=lambda m: m[0])
+        if not result.stopped:
+            marks.append((result.tokens, time.perf_counter()))
+        n0, t0 = max((m for m in marks[:-1] if m[0] <= fill), key=lambda m: m[0])
         return (marks[-1][1] - t0) / max(marks[-1][0] - n0, 1)
 
     # One-time costs first (dyneval's gradient statistics, a datastore's index). The evaluation
@@ -420,7 +425,7 @@ def tune_in_budget(model, corpus, method: str, *, minutes: float, split: str = "
         methods = build_methods(names, params)
         fill = min(max((m.memory_window() for m in methods if isinstance(m, MixtureMethod)), default=0),
                    eval_tokens, available - probe)
-        extra = steady_price(methods, fill) - price([])
+        extra = steady_price(methods, fill, STEADY_SHARE * 60 * minutes) - price([])
         reserve = min(max(extra, 0.0) * eval_tokens, RESERVE_SHARE * 60 * minutes)
 
     def rungs(n: int) -> dict:

@@ -348,4 +348,4 @@ def test_online_cache_survives_a_short_window_far_below_the_longest_windows_maxi
     lam = NeuralCache.default_lambda
     scored = torch.logaddexp(torch.tensor(math.log1p(-lam) - 3.0, dtype=torch.float64),
                              torch.log(torch.tensor(lam, dtype=torch.float64)) + expected)
-    torch.testing.assert_close(cache.selection.evidence[w], scored)
+    torch.testing.assert_close(cache.selection.evidence[w] + cache.selection.shift, scored)

@@ -460,7 +460,7 @@ def test_the_mixer_pass_stops_before_a_segment_that_would_end_past_the_deadline(
 
 
 def test_the_budget_keeps_time_for_a_slow_evaluation(one_thread, monkeypatch):
-    """With eval_tokens, the evaluation's cost beyond two plain passes (priced at the current
+    """With eval_tokens, the evaluation's cost beyond a plain pass (priced at the current
     settings) comes out of the tuning's share of the budget, at most RESERVE_SHARE of it."""
     import time
 
@@ -508,7 +508,56 @@ def test_the_evaluation_is_priced_once_its_memory_is_full(one_thread, monkeypatc
         return real(model, stream, methods, lambdas, **k)
 
     monkeypatch.setattr(tune_module, "stream_eval", fake)
+    deadlines = []
+    real_tune = tune_module.tune
+    monkeypatch.setattr(tune_module, "tune", lambda *a, **k: (deadlines.append(k["deadline"]), real_tune(*a, **k))[1])
     res = tune_module.tune_in_budget(model, corpus, "mbpa", minutes=0.2, probe_tokens=100,
                                      params={"mbpa": {"k": 4, "memory": 50}}, eval_tokens=100)
     # 0.01 s a token after the 50-token memory (the plain pass costs nothing on this clock)
     assert res["tuned_on"]["reserved_seconds"] == pytest.approx(1.0)
+    # ... and it comes off the tuning's deadline: the budget (12 s) started at 0 on this clock
+    assert deadlines == [pytest.approx(12.0 - 1.0)]
+
+
+def test_eval_tune_tells_the_budget_how_many_tokens_it_will_score(run, monkeypatch, capsys):
+    seen = []
+    real = tune_module.tune_in_budget
+    monkeypatch.setattr(tune_module, "tune_in_budget",
+                        lambda *a, **k: (seen.append(k["eval_tokens"]), real(*a, **k))[1])
+    assert _cli("eval", run, "--split", "test", "--method", "cache", "--tune", "--tune-minutes", 0.1,
+                "--tokens", 57, "--threads", 1) == 0
+    assert _cli("eval", run, "--split", "test", "--method", "cache", "--tune", "--tune-minutes", 0.1,
+                "--threads", 1) == 0
+    corpus = load_corpus(json.loads((run / "config.json").read_text())["data"]["name"])
+    assert seen == [57, corpus.test.numel() - 1]
+
+
+def test_the_pricing_pass_stops_at_its_share_of_the_budget(one_thread, monkeypatch):
+    """A slow combination's steady-state pricing pass stops once it has taken STEADY_SHARE of
+    the budget and prices the evaluation at its last segment."""
+    from conftest import motif_stream, tiny_lm
+
+    model = tiny_lm(seed=4)
+    corpus = _TwoSplits(motif_stream(400, seed=6), motif_stream(300, seed=8))
+    real = tune_module.stream_eval
+    clock = [0.0]
+    monkeypatch.setattr(tune_module.time, "perf_counter", lambda: clock[0])
+    segments = []
+
+    def fake(model, stream, methods, lambdas, **k):
+        stop = k.pop("stop", None)
+        if len(methods) == 1 and stop is not None:   # the steady-state pricing: 0.5 s a 25-token segment
+            for e in range(25, stream.numel() - 1, 25):
+                clock[0] += 0.5
+                segments.append(e)
+                if stop(e, None):
+                    r = real(model, stream[:e + 1], methods, lambdas, **k)
+                    r.stopped = True
+                    return r
+        return real(model, stream, methods, lambdas, **k)
+
+    monkeypatch.setattr(tune_module, "stream_eval", fake)
+    res = tune_module.tune_in_budget(model, corpus, "mbpa", minutes=0.2, probe_tokens=100,
+                                     params={"mbpa": {"k": 4, "memory": 50}}, eval_tokens=100)
+    assert tune_module.STEADY_SHARE * 12 < 1.0 and segments == [25, 50]   # stopped past 0.6 s, at 1.0 s
+    assert res["tuned_on"]["reserved_seconds"] == pytest.approx(0.5 / 25 * 100)

@@ -148,9 +148,11 @@ def main(argv=None) -> int:
     if not args.no_mixtures:
         L = segments[0]
         settings = report["segments"][str(L)]["settings"]
-        mixtures = {"dyneval": ({}, {}), "dyneval+cache": ({"cache": {"window": 500, "theta": 0.1}}, {"cache": 0.15}),
-                    "dyneval+mbpa+cache": ({"cache": {"window": 500, "theta": 0.1}, "mbpa": {}},
-                                           {"cache": 0.15, "mbpa": 0.1})}
+        # one cache window and one MbPA memory, as when these rows were recorded (the defaults
+        # now choose among several online)
+        single = {"cache": {"window": 500, "theta": 0.1, "select": False}, "mbpa": {"select": False}}
+        mixtures = {"dyneval": ({}, {}), "dyneval+cache": ({"cache": single["cache"]}, {"cache": 0.15}),
+                    "dyneval+mbpa+cache": (single, {"cache": 0.15, "mbpa": 0.1})}
         report["mixtures"] = {}
         for combo, (extra, lambdas) in mixtures.items():
             names = combo.split("+")

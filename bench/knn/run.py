@@ -266,7 +266,7 @@ def stage_mbpa(args, out: Path) -> dict:
     rows = [{"label": "lstm", "ppl": perplexity(plain.base), "tokens_per_second": plain.tokens / plain.seconds}]
     for source in ("stream", "datastore", "both"):
         for alpha in args.mbpa_alpha:
-            p = MbPAParams(memory=5000, k=args.mbpa_k, alpha=alpha, source=source, datastore=ds)
+            p = MbPAParams(memory=5000, k=args.mbpa_k, alpha=alpha, source=source, datastore=ds, select=False)
             for lam in args.mbpa_lambda:
                 r = stream_eval(model, stream, [MbPA(p)], {"mbpa": lam})
                 row = {"label": f"mbpa source={source}", "source": source, "k": args.mbpa_k, "alpha": alpha,

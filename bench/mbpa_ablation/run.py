@@ -29,8 +29,9 @@ from lmadapt.mix import mix_log_probs, perplexity
 from lmadapt.stream import stream_eval
 
 LAMBDAS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
+# One memory of N (select off): the factors vary the paper's single-memory MbPA.
 BASE = {"memory": 5000, "k": 256, "steps": 1, "alpha": 1.0, "beta": 0.0, "eps": 1e-3, "normalise": True,
-        "optimizer": "sgd"}
+        "optimizer": "sgd", "select": False}
 FACTORS = {
     "alpha": [0.15, 0.5, 2.0, 5.0, 10.0],
     "normalise": [False],

@@ -21,9 +21,9 @@ expert per window in N·(0.1, 0.2, 0.4, 1) and c in c·(1, 1.5, 2, 3, 4, 6, 8) (
 gives their Bayesian average: expert k's weight at position t is proportional to
 Π_{s<t} ((1−λ) p_model(y_s) + λ p_k(y_s)), how well it would have scored the tokens
 already scored, mixed with the model at the cache's default λ. Only past targets enter the
-weights, so the cache stays causal, and its total log-loss is within log(number of
-experts) nats of the best expert's in hindsight on the same stream (a fraction of a
-percent of perplexity over a few thousand tokens). `select` false is the single cache of
+weights, so the cache stays causal; mixed with the model at that λ, its total log-loss is
+within log(number of experts) nats of the best expert's in hindsight on the same stream (a
+fraction of a percent of perplexity over a few thousand tokens; lmadapt.methods.selection). `select` false is the single cache of
 Grave et al. with window N.
 """
 
